@@ -1,0 +1,234 @@
+"""Typed configuration tree.
+
+Every leaf field is addressable from YAML by its flat NeoX-style name (``hidden_size``,
+``train_iters`` ...), so flat NeoX configs load unchanged; a section may also be written nested
+(``sepllm: {mode: sepllm, ...}``). Field names are unique across sections for that reason.
+Each field's ``metadata["help"]`` feeds the generated key reference (``docs/config_reference.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = _f(2, "Number of transformer blocks.")
+    hidden_size: int = _f(128, "Model width d_model.")
+    num_attention_heads: int = _f(4, "Query heads; hidden_size must divide evenly.")
+    num_kv_heads: int | None = _f(
+        None, "Key/value heads for grouped-query attention (None = num_attention_heads)."
+    )
+    seq_length: int = _f(128, "Training sequence length in tokens.")
+    max_position_embeddings: int | None = _f(
+        None, "Largest position the model supports (None = seq_length)."
+    )
+    intermediate_size: int | None = _f(
+        None,
+        "Width of the MLP hidden layer, i.e. the output width of ONE up projection. For swiglu "
+        "there are two up projections of this width (gate and up) - unlike NeoX, which halves "
+        "it. None = 4*hidden_size for gelu, and the Llama rule 256*ceil(8*hidden/3/256) for swiglu.",
+    )
+    activation: str = _f("gelu", "MLP activation: gelu (NeoX) or swiglu (Llama).")
+    gpt_j_residual: bool = _f(False, "Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)).")
+    no_weight_tying: bool = _f(False, "Untie the output head from the input embedding.")
+    make_vocab_size_divisible_by: int = _f(128, "Pad the vocabulary to a multiple of this.")
+    init_method: str = _f("small_init", "Init of input-side weights: small_init or normal.")
+    output_layer_init_method: str = _f(
+        "wang_init", "Init of residual-output weights: wang_init, scaled_normal or normal."
+    )
+    init_method_std: float = _f(0.02, "Std of the `normal` init methods.")
+    pos_emb: str = _f("rotary", "Position embedding: rotary, learned or none.")
+    rotary_pct: float = _f(1.0, "Fraction of each head's dims that get rotary (NeoX partial rotary).")
+    rotary_emb_base: float = _f(10000.0, "RoPE base (theta).")
+    norm: str = _f("layernorm", "layernorm (NeoX) or rmsnorm (Llama).")
+    layernorm_epsilon: float = _f(1e-5, "Epsilon of LayerNorm / RMSNorm.")
+    use_bias_in_attn_linear: bool = _f(True, "Biases in the attention projections.")
+    use_bias_in_mlp: bool = _f(True, "Biases in the MLP projections.")
+    use_bias_in_norms: bool = _f(True, "Bias in LayerNorm (ignored by RMSNorm).")
+    attention_dropout: float = _f(0.0, "Dropout on attention probabilities (dense kernels only).")
+    hidden_dropout: float = _f(0.0, "Dropout on residual branches.")
+    fused_kernels: str = _f(
+        "auto", "Fused RoPE/norm kernels: auto (use when available), on (required), off."
+    )
+
+
+@dataclass
+class SepLLMConfig:
+    mode: str = _f(
+        "full", "Attention pattern: full (dense causal), sepllm, or streamingllm (no separators)."
+    )
+    separator_token_ids: list[int] = _f(
+        [], "Token ids treated as separators (tools/sepllm/separator_ids.py derives them)."
+    )
+    init_tokens: int = _f(4, "a: number of initial (sink) tokens always kept.")
+    local_window: int = _f(256, "w: local window including the diagonal.")
+    local_window_per_layer: list[int] | None = _f(
+        None, "Per-layer windows (length num_layers); a window >= seq_length = full attention."
+    )
+    generate_window: int = _f(256, "Local window used when decoding with the mask-only path.")
+    generate_window_per_layer: list[int] | None = _f(None, "Per-layer decode windows.")
+    pad_token_id: int = _f(0, "Padding id, used to find the first real token of each row.")
+    batch_adaptive_init_pos: bool = _f(
+        False, "Initial tokens are the first `a` non-pad tokens of each row (left padding)."
+    )
+    attention_kernel: str = _f(
+        "auto", "Inner attention kernel: auto, dense (mask reference), compact, flex."
+    )
+    print_kv_ratio: bool = _f(False, "Log kept-KV ratio and attention density.")
+    print_ratio_intervals: int = _f(100, "Steps between kept-ratio log lines.")
+
+
+@dataclass
+class OptimizerConfig:
+    optimizer_type: str = _f("adamw", "adamw or adam (decoupled decay both ways, torch AdamW).")
+    lr: float = _f(6e-4, "Peak learning rate.")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.95, "Adam beta2.")
+    adam_eps: float = _f(1e-8, "Adam epsilon.")
+    weight_decay: float = _f(0.1, "Decoupled weight decay (not applied to biases and norms).")
+    gradient_clipping: float = _f(1.0, "Clip the global grad norm to this (0 = off).")
+
+
+@dataclass
+class ScheduleConfig:
+    lr_decay_style: str = _f("cosine", "constant, linear or cosine (after warmup).")
+    lr_decay_iters: int | None = _f(None, "Decay length in iterations (None = train_iters).")
+    warmup: float = _f(0.01, "Warmup as a fraction of lr_decay_iters.")
+    min_lr: float = _f(0.0, "Floor of the decayed learning rate.")
+
+
+@dataclass
+class TrainingConfig:
+    train_iters: int = _f(100, "Optimizer steps to run.")
+    train_micro_batch_size_per_gpu: int | None = _f(None, "Sequences per rank per micro step.")
+    gradient_accumulation_steps: int | None = _f(None, "Micro steps per optimizer step.")
+    train_batch_size: int | None = _f(
+        None, "Global batch = micro * accumulation * data-parallel size; any two give the third."
+    )
+    precision: str = _f("fp32", "fp32, bfloat16 or fp16 (fp16 needs a GPU).")
+    zero_optimization: dict = _f({"stage": 0}, "DeepSpeed zero_optimization block, passed through.")
+    checkpoint_activations: bool = _f(False, "Recompute each block in backward.")
+    seed: int = _f(1234, "Seed of init, data order and dropout.")
+    deepspeed_extra: dict = _f({}, "Extra DeepSpeed config entries merged last (expert use).")
+
+
+@dataclass
+class DataConfig:
+    data_path: str | None = _f(None, "One .bin/.idx prefix, split by `split`.")
+    split: str = _f("969,30,1", "train,valid,test proportions of data_path.")
+    train_data_paths: list[str] = _f([], "Train prefixes (instead of data_path).")
+    valid_data_paths: list[str] = _f([], "Validation prefixes.")
+    test_data_paths: list[str] = _f([], "Test prefixes.")
+    train_data_weights: list[float] = _f([], "Blend weights of train_data_paths.")
+    valid_data_weights: list[float] = _f([], "Blend weights of valid_data_paths.")
+    test_data_weights: list[float] = _f([], "Blend weights of test_data_paths.")
+    data_cache_dir: str | None = _f(None, "Where index arrays are cached (None = beside data).")
+    tokenizer_type: str = _f("HFTokenizer", "HFTokenizer, SPMTokenizer, GPT2BPETokenizer, ...")
+    vocab_file: str | None = _f(None, "Tokenizer file (tokenizer.json, .model, vocab.json ...).")
+    merge_file: str | None = _f(None, "merges.txt for GPT2BPETokenizer.")
+    eod_mask_loss: bool = _f(False, "Do not train on predicting the token after an EOD.")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+    prepare_data: str | None = _f(
+        None, "Bundled corpus to build if data_path is missing: 'shakespeare' or None."
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = _f(None, "Directory to save checkpoints to.")
+    load: str | None = _f(None, "Directory to resume / fine-tune from.")
+    checkpoint_factor: int = _f(1000, "Save every this many iterations (and at the end).")
+    keep_last_n_checkpoints: int | None = _f(None, "Delete older checkpoints (None = keep all).")
+    finetune: bool = _f(False, "Load weights only and restart at iteration 0.")
+    iteration: int | None = _f(None, "Load this iteration instead of `latest`.")
+    allow_fresh_start: bool = _f(
+        False, "If `load` holds no checkpoint, start fresh instead of stopping with an error."
+    )
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = _f(10, "Iterations between rank-0 log lines.")
+    eval_interval: int = _f(100, "Iterations between validation runs (0 = never).")
+    eval_iters: int = _f(10, "Validation batches per evaluation.")
+    use_wandb: bool = _f(False, "Log to Weights & Biases.")
+    wandb_project: str = _f("sepneox", "W&B project.")
+    wandb_mode: str = _f("offline", "W&B mode: offline unless set to online.")
+    wandb_dir: str | None = _f(None, "W&B directory (None = save dir or ./wandb).")
+    tensorboard_dir: str | None = _f(None, "TensorBoard event directory (None = off).")
+
+
+@dataclass
+class ParallelConfig:
+    model_parallel_size: int = _f(1, "Tensor-parallel degree.")
+    pipe_parallel_size: int = _f(0, "Pipeline stages (0 = no pipeline engine).")
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs TP > 1).")
+
+
+@dataclass
+class LauncherConfig:
+    num_gpus: int | None = _f(
+        None, "Processes per node (GPUs; on CPU-only hosts, CPU ranks). None = all GPUs or 1."
+    )
+    num_nodes: int = _f(1, "Nodes to use (-1 = all in hostfile).")
+    hostfile: str | None = _f(None, "DeepSpeed hostfile: lines 'host slots=N'.")
+    include: str | None = _f(None, "DeepSpeed --include host/slot selection.")
+    exclude: str | None = _f(None, "DeepSpeed --exclude host/slot selection.")
+    master_addr: str | None = _f(None, "Rendezvous address.")
+    master_port: int = _f(29500, "Rendezvous port.")
+    launcher: str = _f("pdsh", "Multi-node launcher: pdsh, openmpi, mvapich, slurm.")
+    force_multi: bool = _f(False, "Use the multi-node launcher even on one node.")
+    no_ssh_check: bool = _f(False, "Skip the DeepSpeed runner's SSH check.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sepllm: SepLLMConfig = field(default_factory=SepLLMConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    # Filled by finalize(); never read from YAML.
+    derived: "DerivedConfig" = field(default_factory=lambda: DerivedConfig())
+
+
+@dataclass
+class DerivedConfig:
+    world_size: int = 1
+    data_parallel_size: int = 1
+    micro_batch: int = 1
+    grad_accum: int = 1
+    global_batch: int = 1
+    vocab_size: int = 0
+    padded_vocab_size: int = 0
+    kv_heads: int = 0
+    ffn_size: int = 0
+    max_positions: int = 0
+    windows: list[int] = field(default_factory=list)
+
+
+SECTIONS: tuple[str, ...] = (
+    "model",
+    "sepllm",
+    "optimizer",
+    "schedule",
+    "training",
+    "data",
+    "checkpoint",
+    "logging",
+    "parallel",
+    "launcher",
+)

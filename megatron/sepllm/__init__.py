@@ -1,0 +1,1 @@
+"""SepLLM: separator-compressed sparse attention (kept set, kernels, statistics)."""
