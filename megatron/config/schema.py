@@ -55,9 +55,6 @@ class ModelConfig:
     use_bias_in_norms: bool = _f(True, "Bias in LayerNorm (ignored by RMSNorm).")
     attention_dropout: float = _f(0.0, "Dropout on attention probabilities (dense kernels only).")
     hidden_dropout: float = _f(0.0, "Dropout on residual branches.")
-    fused_kernels: str = _f(
-        "auto", "Fused RoPE/norm kernels: auto (use when available), on (required), off."
-    )
 
 
 @dataclass

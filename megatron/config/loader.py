@@ -1,0 +1,248 @@
+"""YAML -> typed Config: merging, NeoX/SepLLM aliases, and closest-key error messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron.config.schema import SECTIONS, Config
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work starts."""
+
+
+def _norm(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Flat key -> (section, dataclass field), over every section of Config."""
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section in SECTIONS:
+        cls = _section_class(section)
+        for f in dataclasses.fields(cls):
+            assert f.name not in index, f"duplicate config key {f.name}"
+            index[f.name] = (section, f)
+    return index
+
+
+def _section_class(section: str) -> type:
+    hints = typing.get_type_hints(Config)
+    return hints[section]
+
+
+def _neox_optimizer(value: Any) -> dict[str, Any]:
+    # NeoX form: optimizer: {type: Adam, params: {lr, betas: [b1, b2], eps, weight_decay}}
+    if not isinstance(value, dict):
+        raise ConfigError(f"'optimizer' must be a mapping with 'type' and 'params', got {value!r}")
+    unknown = set(value) - {"type", "params"}
+    if unknown:
+        raise ConfigError(f"'optimizer' accepts only 'type' and 'params', not {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    if "type" in value:
+        out["optimizer_type"] = str(value["type"]).lower()
+    params = dict(value.get("params", {}))
+    for key, target in (("lr", "lr"), ("eps", "adam_eps"), ("weight_decay", "weight_decay")):
+        if key in params:
+            out[target] = params.pop(key)
+    if "betas" in params:
+        out["adam_beta1"], out["adam_beta2"] = params.pop("betas")
+    if params:
+        raise ConfigError(f"unsupported optimizer params {sorted(params)}")
+    return out
+
+
+def _neox_precision_flag(kind: str) -> Callable[[Any], dict[str, Any]]:
+    def convert(value: Any) -> dict[str, Any]:
+        enabled = value.get("enabled", False) if isinstance(value, dict) else bool(value)
+        return {"precision": kind} if enabled else {}
+
+    return convert
+
+
+def _rename(target: str, fn: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], dict]:
+    return lambda value: {target: fn(value)}
+
+
+NEOX_ALIASES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "optimizer": _neox_optimizer,
+    "bf16": _neox_precision_flag("bfloat16"),
+    "fp16": _neox_precision_flag("fp16"),
+    "rms_norm_epsilon": _rename("layernorm_epsilon"),
+    "gradient_accumulation_steps": _rename("gradient_accumulation_steps"),
+    "num_gpus_per_node": _rename("num_gpus"),
+    "save_interval": _rename("checkpoint_factor"),
+    "lr_warmup_fraction": _rename("warmup"),
+    "use_bias_in_norm": _rename("use_bias_in_norms"),
+    "train_micro_batch_size": _rename("train_micro_batch_size_per_gpu"),
+}
+
+
+def _aliases() -> dict[str, Callable[[Any], dict[str, Any]]]:
+    from megatron.sepllm.aliases import SEPLLM_ALIASES  # noqa: PLC0415 - optional module
+
+    return {**NEOX_ALIASES, **SEPLLM_ALIASES}
+
+
+def _suggest(key: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def flatten(raw: dict[str, Any], source: str) -> dict[str, tuple[Any, str]]:
+    """Resolve one YAML mapping into {field name: (value, where it came from)}."""
+    index = field_index()
+    aliases = _aliases()
+    out: dict[str, tuple[Any, str]] = {}
+
+    def put(name: str, value: Any, origin: str) -> None:
+        if name in out and out[name][0] != value:
+            raise ConfigError(
+                f"{source}: '{name}' is set twice with different values "
+                f"({out[name][1]} = {out[name][0]!r}, {origin} = {value!r})"
+            )
+        out[name] = (value, origin)
+
+    for raw_key, value in raw.items():
+        key = _norm(str(raw_key))
+        if key in SECTIONS and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                name = _norm(str(sub_key))
+                origin = f"{source}:{key}.{sub_key}"
+                if name in index and index[name][0] == key:
+                    put(name, sub_value, origin)
+                elif name in aliases or str(sub_key) in aliases:
+                    fn = aliases.get(str(sub_key), aliases.get(name))
+                    for k, v in fn(sub_value).items():
+                        put(k, v, origin)
+                else:
+                    fields = [n for n, (s, _) in index.items() if s == key]
+                    raise ConfigError(
+                        f"{origin}: unknown key '{sub_key}' in section '{key}'"
+                        + _suggest(name, fields)
+                    )
+            continue
+        origin = f"{source}:{raw_key}"
+        if key in aliases or str(raw_key) in aliases:
+            fn = aliases.get(str(raw_key), aliases.get(key))
+            try:
+                converted = fn(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{origin}: {exc}") from exc
+            for k, v in converted.items():
+                put(k, v, origin)
+        elif key in index:
+            put(key, value, origin)
+        else:
+            raise ConfigError(
+                f"{origin}: unknown key '{raw_key}'" + _suggest(key, [*index, *aliases, *SECTIONS])
+            )
+    return out
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Check/convert a YAML value against the field's type annotation."""
+    tp = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if tp in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if annotation is Any:
+        return value
+    if tp is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0], name) for v in value] if args else list(value)
+    if tp is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{name}' must be a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{name}' must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or _is_int_float(value)):
+            raise ConfigError(f"'{name}' must be an integer, got {value!r}")
+        return int(value)
+    if annotation is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{name}' must be a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"'{name}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _is_int_float(value: Any) -> bool:
+    return isinstance(value, float) and value.is_integer()
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def merge_sources(sources: list[tuple[str, dict[str, Any]]]) -> dict[str, tuple[Any, str]]:
+    """Merge files; as in NeoX a key set in two files is an error (nothing silently overridden).
+
+    A source named "overrides" (command-line --set values) may override anything.
+    """
+    merged: dict[str, tuple[Any, str]] = {}
+    for name, raw in sources:
+        for key, (value, origin) in flatten(raw, name).items():
+            if key in merged and name != "overrides":
+                raise ConfigError(
+                    f"'{key}' is defined twice: {merged[key][1]} and {origin}; "
+                    "remove one (use --set key=value to override from the command line)"
+                )
+            merged[key] = (value, origin)
+    return merged
+
+
+def build_config(values: dict[str, tuple[Any, str]]) -> Config:
+    index = field_index()
+    hints = {s: typing.get_type_hints(_section_class(s)) for s in SECTIONS}
+    cfg = Config()
+    for name, (value, origin) in values.items():
+        section, _ = index[name]
+        try:
+            coerced = _coerce(value, hints[section][name], name)
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+        setattr(getattr(cfg, section), name, coerced)
+    return cfg
+
+
+def load_config(paths: list[str | Path], overrides: dict[str, Any] | None = None) -> Config:
+    """Read, merge and type-check YAML files; `overrides` (flat keys) apply last."""
+    sources = [(str(p), read_yaml(p)) for p in paths]
+    if overrides:
+        sources.append(("overrides", overrides))
+    return build_config(merge_sources(sources))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested plain-dict form (YAML-serialisable), sections only."""
+    return {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}

@@ -1,0 +1,213 @@
+"""Cross-field validation and derived values, computed once before any work starts."""
+
+from __future__ import annotations
+
+import math
+
+from megatron.config.loader import ConfigError
+from megatron.config.schema import Config, DerivedConfig, ModelConfig, TrainingConfig
+
+CHOICES = {
+    "activation": ("gelu", "swiglu"),
+    "norm": ("layernorm", "rmsnorm"),
+    "pos_emb": ("rotary", "learned", "none"),
+    "init_method": ("small_init", "normal"),
+    "output_layer_init_method": ("wang_init", "scaled_normal", "normal"),
+    "precision": ("fp32", "bfloat16", "fp16"),
+    "lr_decay_style": ("constant", "linear", "cosine"),
+    "optimizer_type": ("adamw", "adam"),
+}
+
+
+def _check_choice(name: str, value: str, errors: list[str]) -> None:
+    if value not in CHOICES[name]:
+        errors.append(f"{name} = {value!r}: must be one of {', '.join(CHOICES[name])}")
+
+
+def validate_model(m: ModelConfig, errors: list[str]) -> None:
+    for name in ("activation", "norm", "pos_emb", "init_method", "output_layer_init_method"):
+        _check_choice(name, getattr(m, name), errors)
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(m, name) < 1:
+            errors.append(f"{name} must be >= 1, got {getattr(m, name)}")
+    if m.num_attention_heads >= 1 and m.hidden_size % m.num_attention_heads:
+        errors.append(
+            f"hidden_size {m.hidden_size} is not divisible by num_attention_heads "
+            f"{m.num_attention_heads}"
+        )
+    kv = m.num_kv_heads or m.num_attention_heads
+    if kv < 1 or m.num_attention_heads % kv:
+        errors.append(
+            f"num_attention_heads {m.num_attention_heads} must be a multiple of num_kv_heads {kv}"
+        )
+    if not 0.0 < m.rotary_pct <= 1.0:
+        errors.append(f"rotary_pct must be in (0, 1], got {m.rotary_pct}")
+    elif m.pos_emb == "rotary" and m.num_attention_heads >= 1:
+        head_dim = m.hidden_size // m.num_attention_heads
+        if int(head_dim * m.rotary_pct) % 2:
+            errors.append(
+                f"rotary dims = head_dim {head_dim} x rotary_pct {m.rotary_pct} must be even"
+            )
+    max_pos = m.max_position_embeddings or m.seq_length
+    if m.seq_length > max_pos:
+        errors.append(f"seq_length {m.seq_length} exceeds max_position_embeddings {max_pos}")
+    if m.make_vocab_size_divisible_by < 1:
+        errors.append("make_vocab_size_divisible_by must be >= 1")
+
+
+def resolve_batch(t: TrainingConfig, dp: int) -> tuple[int, int, int]:
+    """(micro, accumulation, global) from any two of them; raises if inconsistent."""
+    micro, accum, total = (
+        t.train_micro_batch_size_per_gpu,
+        t.gradient_accumulation_steps,
+        t.train_batch_size,
+    )
+    if micro is None and accum is None and total is None:
+        raise ConfigError("set at least train_micro_batch_size_per_gpu (or train_batch_size)")
+    if micro is not None and accum is not None:
+        if total is not None and total != micro * accum * dp:
+            raise ConfigError(
+                f"batch triple inconsistent: train_batch_size {total} != "
+                f"train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps {accum} "
+                f"x data-parallel size {dp} = {micro * accum * dp}"
+            )
+    elif micro is not None:
+        accum = 1 if total is None else total // (micro * dp)
+        if total is not None and (accum < 1 or accum * micro * dp != total):
+            raise ConfigError(
+                f"train_batch_size {total} is not a multiple of micro batch {micro} x "
+                f"data-parallel size {dp}"
+            )
+    elif total is not None:
+        accum = accum or 1
+        micro = total // (accum * dp)
+        if micro < 1 or micro * accum * dp != total:
+            raise ConfigError(
+                f"train_batch_size {total} is not divisible by gradient_accumulation_steps "
+                f"{accum} x data-parallel size {dp}"
+            )
+    else:
+        raise ConfigError("gradient_accumulation_steps alone does not define the batch size")
+    for name, v in (("micro batch", micro), ("gradient_accumulation_steps", accum)):
+        if v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
+    return micro, accum, micro * accum * dp
+
+
+def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def ffn_size(m: ModelConfig) -> int:
+    if m.intermediate_size is not None:
+        return m.intermediate_size
+    if m.activation == "swiglu":
+        return 256 * math.ceil(8 * m.hidden_size / 3 / 256)
+    return 4 * m.hidden_size
+
+
+def layer_windows(cfg: Config) -> list[int]:
+    """Per-layer SepLLM window; seq_length (= full attention) for every layer in full mode."""
+    s, n = cfg.sepllm, cfg.model.num_layers
+    if s.mode == "full":
+        return [cfg.model.seq_length] * n
+    return list(s.local_window_per_layer) if s.local_window_per_layer else [s.local_window] * n
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Raise one ConfigError listing every problem found (not just the first)."""
+    errors: list[str] = []
+    validate_model(cfg.model, errors)
+    for name in ("precision",):
+        _check_choice(name, getattr(cfg.training, name), errors)
+    _check_choice("lr_decay_style", cfg.schedule.lr_decay_style, errors)
+    _check_choice("optimizer_type", cfg.optimizer.optimizer_type, errors)
+    if cfg.training.train_iters < 1:
+        errors.append(f"train_iters must be >= 1, got {cfg.training.train_iters}")
+    if not 0.0 <= cfg.schedule.warmup <= 1.0:
+        errors.append(f"warmup is a fraction of the decay length, got {cfg.schedule.warmup}")
+    if cfg.schedule.min_lr > cfg.optimizer.lr:
+        errors.append(f"min_lr {cfg.schedule.min_lr} is above lr {cfg.optimizer.lr}")
+    stage = cfg.training.zero_optimization.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        errors.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    _validate_parallel(cfg, world_size, errors)
+    for name in ("log_interval", "checkpoint_factor"):
+        section = cfg.logging if name == "log_interval" else cfg.checkpoint
+        if getattr(section, name) < 1:
+            errors.append(f"{name} must be >= 1")
+    if cfg.checkpoint.finetune and not cfg.checkpoint.load:
+        errors.append("finetune: true needs `load` (the checkpoint to start from)")
+    d = cfg.data
+    if not (d.data_path or d.train_data_paths):
+        errors.append("no training data: set data_path or train_data_paths")
+    for split in ("train", "valid", "test"):
+        paths, weights = getattr(d, f"{split}_data_paths"), getattr(d, f"{split}_data_weights")
+        if weights and len(weights) != len(paths):
+            errors.append(
+                f"{split}_data_weights has {len(weights)} entries for {len(paths)} paths"
+            )
+    errors.extend(_sepllm_errors(cfg))
+    if not errors:
+        try:
+            resolve_batch(cfg.training, _dp_size(cfg, world_size))
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _sepllm_errors(cfg: Config) -> list[str]:
+    from megatron.sepllm.validate import validate_sepllm  # noqa: PLC0415
+
+    return validate_sepllm(cfg.sepllm, cfg.model.num_layers, cfg.model.seq_length)
+
+
+def _dp_size(cfg: Config, world_size: int) -> int:
+    p = cfg.parallel
+    return max(1, world_size // (p.model_parallel_size * max(1, p.pipe_parallel_size)))
+
+
+def _validate_parallel(cfg: Config, world_size: int, errors: list[str]) -> None:
+    p = cfg.parallel
+    if p.model_parallel_size < 1 or p.pipe_parallel_size < 0:
+        errors.append("model_parallel_size must be >= 1 and pipe_parallel_size >= 0")
+        return
+    if p.model_parallel_size > 1 or p.pipe_parallel_size > 1:
+        errors.append(
+            "tensor / pipeline parallelism is not available yet: set model_parallel_size: 1 "
+            "and pipe_parallel_size: 0 or 1 (data parallelism and ZeRO work at any size)"
+        )
+    if p.sequence_parallel:
+        errors.append("sequence_parallel needs model_parallel_size > 1 (not available yet)")
+    grid = p.model_parallel_size * max(1, p.pipe_parallel_size)
+    if world_size % grid:
+        errors.append(f"world size {world_size} is not divisible by TP x PP = {grid}")
+
+
+def finalize(cfg: Config, world_size: int, vocab_size: int) -> Config:
+    """Validate and compute the derived values (batch triple, padded vocab ...) exactly once."""
+    validate(cfg, world_size)
+    dp = _dp_size(cfg, world_size)
+    micro, accum, total = resolve_batch(cfg.training, dp)
+    m = cfg.model
+    cfg.training.train_micro_batch_size_per_gpu = micro
+    cfg.training.gradient_accumulation_steps = accum
+    cfg.training.train_batch_size = total
+    cfg.derived = DerivedConfig(
+        world_size=world_size,
+        data_parallel_size=dp,
+        micro_batch=micro,
+        grad_accum=accum,
+        global_batch=total,
+        vocab_size=vocab_size,
+        padded_vocab_size=padded_vocab(
+            vocab_size, m.make_vocab_size_divisible_by, cfg.parallel.model_parallel_size
+        ),
+        kv_heads=m.num_kv_heads or m.num_attention_heads,
+        ffn_size=ffn_size(m),
+        max_positions=m.max_position_embeddings or m.seq_length,
+        windows=layer_windows(cfg),
+    )
+    return cfg

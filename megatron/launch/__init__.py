@@ -1,0 +1,1 @@
+"""Launch support: config -> DeepSpeed runner command, scheduler environment mapping."""

@@ -1,0 +1,46 @@
+"""Self-attention: projections + rotary + one pluggable inner kernel.
+
+The kernel decides which (query, key) pairs are kept; full attention, StreamingLLM and SepLLM
+differ only in the kernel and the per-batch `info` passed to it, never in this module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron.model.rotary import apply_rotary
+from megatron.sepllm.kernels import AttentionKernel
+
+
+class SelfAttention(nn.Module):
+    def __init__(
+        self, hidden: int, heads: int, kv_heads: int, bias: bool, attention_dropout: float
+    ) -> None:
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        self.head_dim = hidden // heads
+        # One fused projection laid out as [q (H*D) | k (Hkv*D) | v (Hkv*D)].
+        self.qkv = nn.Linear(hidden, (heads + 2 * kv_heads) * self.head_dim, bias=bias)
+        self.dense = nn.Linear(heads * self.head_dim, hidden, bias=bias)
+        self.attention_dropout = attention_dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, S, hidden]
+        rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin [S, R] or [B, S, R]
+        kernel: AttentionKernel,
+        window: int,
+        info: object | None,
+    ) -> torch.Tensor:  # [B, S, hidden]
+        b, s, _ = x.shape
+        d = self.head_dim
+        q, k, v = self.qkv(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], -1)
+        q = q.view(b, s, self.heads, d).transpose(1, 2)  # [B, H, S, D]
+        k = k.view(b, s, self.kv_heads, d).transpose(1, 2)  # [B, Hkv, S, D]
+        v = v.view(b, s, self.kv_heads, d).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        p = self.attention_dropout if self.training else 0.0
+        out = kernel(q, k, v, window=window, info=info, dropout_p=p)  # [B, H, S, D]
+        return self.dense(out.transpose(1, 2).reshape(b, s, self.heads * d))

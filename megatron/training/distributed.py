@@ -1,0 +1,44 @@
+"""Process-group setup that works under the DeepSpeed launcher and as a plain `python train.py`."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Without a launcher this becomes a 1-process group."""
+    import deepspeed  # noqa: PLC0415 - heavy import, only when training
+
+    from megatron.launch.environment import map_scheduler_env  # noqa: PLC0415
+
+    map_scheduler_env(os.environ)
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        _limit_cpu_threads()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def _limit_cpu_threads() -> None:
+    # Several CPU ranks on one host must share the cores, not each grab all of them.
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))

@@ -1,0 +1,119 @@
+"""Entry point run on every rank (`train.py`), with or without a launcher."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron.config.loader import ConfigError, build_config, merge_sources, read_yaml
+from megatron.config.schema import Config
+from megatron.config.validate import finalize
+
+log = logging.getLogger("megatron")
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """--set key=value pairs; values are parsed as YAML scalars (numbers, booleans, lists)."""
+    import yaml  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def encode_sources(sources: list[tuple[str, dict]], raw: dict[str, str]) -> str:
+    payload = json.dumps({"sources": sources, "raw": raw})
+    return base64.urlsafe_b64encode(payload.encode()).decode()
+
+
+def decode_sources(blob: str) -> tuple[list[tuple[str, dict]], dict[str, str]]:
+    payload = json.loads(base64.urlsafe_b64decode(blob.encode()).decode())
+    return [tuple(s) for s in payload["sources"]], payload["raw"]
+
+
+def gather_sources(
+    paths: list[str], overrides: list[str]
+) -> tuple[list[tuple[str, dict]], dict[str, str]]:
+    sources: list[tuple[str, dict]] = [(p, read_yaml(p)) for p in paths]
+    raw = {p: Path(p).read_text() for p in paths}
+    if overrides:
+        sources.append(("overrides", parse_set(overrides)))
+    return sources, raw
+
+
+def prepare_bundled_data(cfg: Config) -> None:
+    """Fill data_path / vocab_file from the bundled corpus when the config asks for it."""
+    if cfg.data.prepare_data is None:
+        return
+    if cfg.data.prepare_data != "shakespeare":
+        raise ConfigError(f"prepare_data: unknown corpus {cfg.data.prepare_data!r} (shakespeare)")
+    from megatron.data.bundled import ensure_shakespeare  # noqa: PLC0415
+
+    root = str(Path(cfg.data.data_path).parent) if cfg.data.data_path else "data/shakespeare"
+    prefix, tokenizer = ensure_shakespeare(root)
+    cfg.data.data_path = cfg.data.data_path or prefix
+    cfg.data.vocab_file = cfg.data.vocab_file or tokenizer
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a model (run by deepy.py or directly).")
+    p.add_argument("configs", nargs="*", help="YAML config files, merged in order")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--config-b64", help="serialized config from deepy.py")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not args.configs and not args.config_b64:
+        p.error("give at least one YAML config")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[float]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.config_b64:
+        sources, raw = decode_sources(args.config_b64)
+    else:
+        sources, raw = gather_sources(args.configs, args.set)
+    cfg = build_config(merge_sources(sources))
+    from megatron.training.distributed import init_distributed  # noqa: PLC0415
+
+    rank, world, device = init_distributed()
+    if rank == 0:
+        prepare_bundled_data(cfg)
+    dist.barrier()
+    if rank != 0:
+        prepare_bundled_data(cfg)  # now only reads what rank 0 built
+    return run(cfg, raw, rank, world, device)
+
+
+def run(cfg: Config, raw: dict[str, str], rank: int, world: int, device: Any) -> list[float]:
+    from megatron.data.builder import build_train_valid_test_datasets  # noqa: PLC0415
+    from megatron.data.tokenizers import build_tokenizer  # noqa: PLC0415
+    from megatron.training.setup import Datasets, sample_counts  # noqa: PLC0415
+    from megatron.training.trainer import Trainer  # noqa: PLC0415
+
+    tokenizer = build_tokenizer(cfg.data)
+    finalize(cfg, world, tokenizer.vocab_size)
+    if rank == 0:
+        d = cfg.derived
+        log.info(
+            "world %d | global batch %d = micro %d x accum %d x dp %d | vocab %d (padded %d)",
+            world, d.global_batch, d.micro_batch, d.grad_accum, d.data_parallel_size,
+            d.vocab_size, d.padded_vocab_size,
+        )
+    train, valid, test = build_train_valid_test_datasets(
+        cfg.data, cfg.model.seq_length, cfg.training.seed, sample_counts(cfg)
+    )
+    trainer = Trainer(cfg, Datasets(train, valid, test), rank, device, tokenizer.eod, raw)
+    return trainer.run()

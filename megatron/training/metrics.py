@@ -1,0 +1,61 @@
+"""Rank-0 logging: console line with rate and ETA, TensorBoard, and wandb (offline by default)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from megatron.config.schema import LoggingConfig
+
+log = logging.getLogger("megatron")
+
+
+class MetricsWriter:
+    def __init__(self, cfg: LoggingConfig, rank: int, run_config: dict[str, Any], save: str | None):
+        self.enabled = rank == 0
+        self.tb = self.wandb = None
+        if not self.enabled:
+            return
+        if cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+
+            self.tb = SummaryWriter(cfg.tensorboard_dir)
+        if cfg.use_wandb:
+            import wandb  # noqa: PLC0415
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                mode=cfg.wandb_mode,
+                dir=cfg.wandb_dir or save or ".",
+                config=run_config,
+            )
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_line(it: int, total: int, values: dict[str, float], eta_s: float) -> str:
+    return (
+        f"iter {it:>6}/{total} | loss {values['train/loss']:.4f} | lr {values['train/lr']:.3e} | "
+        f"grad norm {values['train/grad_norm']:.3f} | tokens/s {values['train/tokens_per_s']:,.0f}"
+        f" | ms/iter {values['train/ms_per_iter']:.1f} | ETA {_hms(eta_s)}"
+    )
+
+
+def _hms(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"

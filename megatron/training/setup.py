@@ -1,0 +1,82 @@
+"""Build everything a run needs from the config: data, model, optimizer, DeepSpeed engine."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from megatron.config.schema import Config
+from megatron.model.transformer import GPTModel
+from megatron.training.optimizer import build_optimizer
+from megatron.training.schedule import lr_at
+
+log = logging.getLogger("megatron")
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    t, d = cfg.training, cfg.derived
+    ds: dict[str, Any] = {
+        "train_batch_size": d.global_batch,
+        "train_micro_batch_size_per_gpu": d.micro_batch,
+        "gradient_accumulation_steps": d.grad_accum,
+        "gradient_clipping": cfg.optimizer.gradient_clipping,
+        "zero_optimization": dict(t.zero_optimization),
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we print our own log line
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bfloat16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    ds.update(t.deepspeed_extra)
+    return ds
+
+
+def build_model(cfg: Config) -> GPTModel:
+    return GPTModel(
+        cfg.model,
+        cfg.sepllm,
+        cfg.derived.padded_vocab_size,
+        cfg.derived.windows,
+        cfg.training.checkpoint_activations,
+    )
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    valid: Dataset | None
+    test: Dataset | None
+
+
+def sample_counts(cfg: Config) -> tuple[int, int, int]:
+    """Samples each split must provide for the whole run (Megatron-style)."""
+    g, lg = cfg.derived.global_batch, cfg.logging
+    train = cfg.training.train_iters * g
+    evals = (cfg.training.train_iters // lg.eval_interval + 1) if lg.eval_interval else 1
+    valid = evals * lg.eval_iters * g
+    return train, valid, lg.eval_iters * g
+
+
+def build_engine(cfg: Config, model: GPTModel) -> tuple[Any, Any]:
+    import deepspeed  # noqa: PLC0415
+
+    if cfg.training.precision == "fp16" and not torch.cuda.is_available():
+        raise RuntimeError("precision fp16 needs a GPU; use bfloat16 or fp32 on CPU")
+    optimizer = build_optimizer(model, cfg.optimizer)
+    sched_fn = lambda step: lr_at(step, cfg.optimizer, cfg.schedule, cfg.training.train_iters)  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: sched_fn(step) / cfg.optimizer.lr
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg),
+    )
+    return engine, scheduler

@@ -1,0 +1,171 @@
+"""The training loop: micro steps through the DeepSpeed engine, eval, logging, checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron.config.loader import config_to_dict
+from megatron.config.schema import Config
+from megatron.training import checkpoint
+from megatron.training.batches import make_loader, split_batch
+from megatron.training.metrics import MetricsWriter, format_line
+from megatron.training.setup import Datasets, build_engine, build_model
+
+log = logging.getLogger("megatron")
+
+
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:  # logits [B, S, V], labels/mask [B, S]
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    return (losses * mask.flatten()).sum() / mask.sum().clamp(min=1.0)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        data: Datasets,
+        rank: int,
+        device: torch.device,
+        eod: int | None,
+        raw_configs: dict[str, str],
+    ) -> None:
+        self.cfg, self.data, self.rank, self.device, self.eod = cfg, data, rank, device, eod
+        self.raw_configs = raw_configs
+        torch.manual_seed(cfg.training.seed)
+        self.model = build_model(cfg)
+        self.engine, self.scheduler = build_engine(cfg, self.model)
+        self.iteration = 0
+        if cfg.checkpoint.load:
+            self.iteration, _ = checkpoint.load(self.engine, cfg.checkpoint)
+            if rank == 0:
+                log.info("resumed from %s at iteration %d", cfg.checkpoint.load, self.iteration)
+        self.metrics = MetricsWriter(cfg.logging, rank, config_to_dict(cfg), cfg.checkpoint.save)
+        self.n_evals = 0
+        self.losses: list[float] = []  # per optimizer step, on every rank (DP-averaged)
+
+    def _batches(self, dataset: Any, consumed: int) -> Iterator[torch.Tensor]:
+        d = self.cfg.derived
+        loader = make_loader(
+            dataset, consumed, d.micro_batch, d.data_parallel_size, dist.get_rank(),
+            self.cfg.data.num_workers,
+        )
+        for tokens in loader:
+            yield tokens.to(self.device, non_blocking=True)
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        inputs, labels, mask = split_batch(tokens, self.eod, self.cfg.data.eod_mask_loss)
+        return lm_loss(self.engine(inputs), labels, mask)
+
+    def train_step(self, batches: Iterator[torch.Tensor]) -> float:
+        total = 0.0
+        for _ in range(self.cfg.derived.grad_accum):
+            loss = self._forward(next(batches))
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float().item()
+        return total / self.cfg.derived.grad_accum
+
+    def run(self) -> list[float]:
+        cfg, d = self.cfg, self.cfg.derived
+        batches = self._batches(self.data.train, self.iteration * d.global_batch)
+        tokens_per_step = d.global_batch * cfg.model.seq_length
+        window_start, window_losses = time.perf_counter(), []
+        start_iter = self.iteration
+        while self.iteration < cfg.training.train_iters:
+            lr = self.scheduler.get_last_lr()[0]
+            loss = _dp_mean(self.train_step(batches), self.device)
+            self.iteration += 1
+            self.losses.append(loss)
+            window_losses.append(loss)
+            if self.iteration % cfg.logging.log_interval == 0 or self.iteration == start_iter + 1:
+                now = time.perf_counter()
+                per_iter = (now - window_start) / len(window_losses)
+                values = {
+                    "train/loss": sum(window_losses) / len(window_losses),
+                    "train/lr": lr,
+                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                    "train/tokens_per_s": tokens_per_step / per_iter,
+                    "train/ms_per_iter": per_iter * 1000,
+                }
+                self._log(values, per_iter * (cfg.training.train_iters - self.iteration))
+                window_start, window_losses = now, []
+            self._maybe_eval()
+            self._maybe_save()
+        self.metrics.close()
+        return self.losses
+
+    def _log(self, values: dict[str, float], eta_s: float) -> None:
+        self._sepllm_stats(values)
+        if self.rank == 0:
+            log.info(format_line(self.iteration, self.cfg.training.train_iters, values, eta_s))
+        self.metrics.scalars(values, self.iteration)
+
+    def _sepllm_stats(self, values: dict[str, float]) -> None:
+        s = self.cfg.sepllm
+        if s.mode == "full" or not s.print_kv_ratio:
+            return
+        if self.iteration % s.print_ratio_intervals and self.iteration != 1:
+            return
+        from megatron.sepllm.info import build_sep_info  # noqa: PLC0415
+        from megatron.sepllm.stats import kept_stats  # noqa: PLC0415
+
+        tokens = torch.from_numpy(self.data.train[self.iteration]["text"][None, :-1])
+        stats = kept_stats(build_sep_info(tokens, s), self.cfg.derived.windows, tokens.shape[1])
+        values.update({f"sepllm/{k}": v for k, v in stats.items()})
+        if self.rank == 0:
+            log.info("sepllm: %s", " ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+
+    def evaluate(self, dataset: Any, offset: int) -> float:
+        self.engine.eval()
+        batches = self._batches(dataset, offset)
+        total, n = 0.0, self.cfg.logging.eval_iters * self.cfg.derived.grad_accum
+        with torch.no_grad():
+            for _ in range(n):
+                total += self._forward(next(batches)).float().item()
+        self.engine.train()
+        return _dp_mean(total / n, self.device)
+
+    def _maybe_eval(self) -> None:
+        lg, it = self.cfg.logging, self.iteration
+        last = it == self.cfg.training.train_iters
+        if self.data.valid is None or not lg.eval_interval or (it % lg.eval_interval and not last):
+            return
+        # Each evaluation reads the next validation samples, wrapping when the split runs out.
+        per_eval = lg.eval_iters * self.cfg.derived.global_batch
+        slots = max(1, len(self.data.valid) // per_eval)
+        offset = (self.n_evals % slots) * per_eval
+        self.n_evals += 1
+        loss = self.evaluate(self.data.valid, offset)
+        if self.rank == 0:
+            log.info(
+                "validation at iter %d | loss %.4f | ppl %.2f", it, loss, math.exp(min(loss, 50))
+            )
+        self.metrics.scalars({"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50))}, it)
+        self.last_valid_loss = loss
+
+    def _maybe_save(self) -> None:
+        ck, it = self.cfg.checkpoint, self.iteration
+        if not ck.save or (it % ck.checkpoint_factor and it != self.cfg.training.train_iters):
+            return
+        client = {"iteration": it, "consumed_samples": it * self.cfg.derived.global_batch}
+        path = checkpoint.save(
+            self.engine, ck, it, client, config_to_dict(self.cfg), self.raw_configs
+        )
+        if self.rank == 0:
+            log.info("saved checkpoint %s", path)
+
+
+def _dp_mean(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
