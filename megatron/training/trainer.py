@@ -66,14 +66,19 @@ class Trainer:
         inputs, labels, mask = split_batch(tokens, self.eod, self.cfg.data.eod_mask_loss)
         return lm_loss(self.engine(inputs), labels, mask)
 
-    def train_step(self, batches: Iterator[torch.Tensor]) -> float:
-        total = 0.0
+    def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[float, float]:
+        """One optimizer step; returns (mean micro-batch loss, global grad norm before clip)."""
+        total, norm = 0.0, 0.0
         for _ in range(self.cfg.derived.grad_accum):
             loss = self._forward(next(batches))
             self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary():
+                norm = _local_grad_norm(self.engine.module)
             self.engine.step()
             total += loss.detach().float().item()
-        return total / self.cfg.derived.grad_accum
+        # ZeRO / bf16 optimizers keep grads in their own buffers and report the norm themselves.
+        engine_norm = self.engine.get_global_grad_norm()
+        return total / self.cfg.derived.grad_accum, float(engine_norm or norm)
 
     def run(self) -> list[float]:
         cfg, d = self.cfg, self.cfg.derived
@@ -83,7 +88,8 @@ class Trainer:
         start_iter = self.iteration
         while self.iteration < cfg.training.train_iters:
             lr = self.scheduler.get_last_lr()[0]
-            loss = _dp_mean(self.train_step(batches), self.device)
+            loss, grad_norm = self.train_step(batches)
+            loss = _dp_mean(loss, self.device)
             self.iteration += 1
             self.losses.append(loss)
             window_losses.append(loss)
@@ -93,7 +99,7 @@ class Trainer:
                 values = {
                     "train/loss": sum(window_losses) / len(window_losses),
                     "train/lr": lr,
-                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                    "train/grad_norm": grad_norm,
                     "train/tokens_per_s": tokens_per_step / per_iter,
                     "train/ms_per_iter": per_iter * 1000,
                 }
@@ -169,3 +175,9 @@ def _dp_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+def _local_grad_norm(module: torch.nn.Module) -> float:
+    """Norm of the (already data-parallel averaged) .grad tensors; 0.0 when none are held."""
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0

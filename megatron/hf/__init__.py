@@ -1,0 +1,1 @@
+"""Hugging Face interop: explicit state-dict key maps for GPT-NeoX and Llama."""
