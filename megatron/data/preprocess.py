@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron.data.indexed_dataset import DataError, IndexedDatasetBuilder, best_dtype
-from megatron.data.readers import check_input, input_format, iter_line_batches, parse_lines
+from megatron.data.readers import (
+    check_input,
+    input_format,
+    iter_line_batches,
+    open_binary,
+    parse_lines,
+)
 from megatron.data.tokenizers import Tokenizer, make_tokenizer
 
 log = logging.getLogger(__name__)
@@ -88,11 +94,16 @@ def _batches(
 ) -> Iterator[tuple[int, int, list[bytes]]]:
     for i, path in enumerate(inputs):
         if whole_file_txt and input_format(path) == "txt":
-            with open(path, "rb") as f:
+            with open_binary(path) as f:
                 yield i, 1, [f.read()]  # the whole file is one document
             continue
         for first, lines in iter_line_batches(path, batch_lines):
             yield i, first, lines
+
+
+def _doc_format(path: str, txt_doc_per_file: bool) -> str:
+    fmt = input_format(path)
+    return "txtfile" if fmt == "txt" and txt_doc_per_file else fmt
 
 
 def output_prefix_for(prefix: str, key: str) -> str:
@@ -126,7 +137,7 @@ def preprocess(
     dtype = best_dtype(tok.vocab_size)
     job = {
         "keys": list(json_keys),
-        "formats": [input_format(p) for p in inputs],
+        "formats": [_doc_format(p, txt_doc_per_file) for p in inputs],
         "append_eod": append_eod,
         "dtype": dtype,
         "single_thread": workers > 0,

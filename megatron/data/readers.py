@@ -110,7 +110,8 @@ def parse_lines(lines: list[bytes], first_line: int, fmt: str, json_key: str) ->
                     else:
                         text = value
         elif reason is None:
-            text = s.rstrip("\r\n")
+            # "txt": one document per line; "txtfile": the line is a whole file, kept verbatim.
+            text = s.rstrip("\r\n") if fmt == "txt" else s
         if reason is None and not text:
             reason = "empty"
         if reason is None:
