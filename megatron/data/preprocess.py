@@ -14,9 +14,10 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +102,18 @@ def _batches(
             yield i, first, lines
 
 
+def _bounded_imap(pool: Any, items: Iterator, max_in_flight: int) -> Iterator:
+    """Ordered ``pool.imap`` with back-pressure: Pool.imap drains its input eagerly, which
+    would read the whole corpus into memory; here at most ``max_in_flight`` batches exist."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(_encode, (item,)))
+        if len(pending) >= max_in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def _doc_format(path: str, txt_doc_per_file: bool) -> str:
     fmt = input_format(path)
     return "txtfile" if fmt == "txt" and txt_doc_per_file else fmt
@@ -151,7 +164,7 @@ def preprocess(
     try:
         if workers > 0:
             pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init)
-            results = pool.imap(_encode, batches, chunksize=1)
+            results = _bounded_imap(pool, batches, max_in_flight=2 * workers + 2)
         else:
             _init_worker(*init)
             results = map(_encode, batches)
