@@ -113,7 +113,10 @@ def flatten(raw: dict[str, Any], source: str) -> dict[str, tuple[Any, str]]:
 
     for raw_key, value in raw.items():
         key = _norm(str(raw_key))
-        if key in SECTIONS and isinstance(value, dict):
+        nested = key in SECTIONS and isinstance(value, dict)
+        if nested and key in aliases:  # `optimizer:` is both our section and NeoX's block
+            nested = all(_norm(str(k)) in index for k in value)
+        if nested:
             for sub_key, sub_value in value.items():
                 name = _norm(str(sub_key))
                 origin = f"{source}:{key}.{sub_key}"

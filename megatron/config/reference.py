@@ -30,7 +30,9 @@ def render() -> str:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text = f.metadata.get("help", "").replace("|", "\\|")
-            lines.append(f"| `{f.name}` | {_type_name(hints[f.name])} | `{default!r}` | {help_text} |")
+            lines.append(
+                f"| `{f.name}` | {_type_name(hints[f.name])} | `{default!r}` | {help_text} |"
+            )
         lines.append("")
     lines += ["## Accepted aliases", "", "NeoX forms: " + ", ".join(f"`{k}`" for k in NEOX_ALIASES)]
     try:

@@ -34,7 +34,8 @@ class ModelConfig:
         None,
         "Width of the MLP hidden layer, i.e. the output width of ONE up projection. For swiglu "
         "there are two up projections of this width (gate and up) - unlike NeoX, which halves "
-        "it. None = 4*hidden_size for gelu, and the Llama rule 256*ceil(8*hidden/3/256) for swiglu.",
+        "it. None = 4*hidden_size for gelu, and the Llama rule 256*ceil(8*hidden/3/256) for "
+        "swiglu.",
     )
     activation: str = _f("gelu", "MLP activation: gelu (NeoX) or swiglu (Llama).")
     gpt_j_residual: bool = _f(False, "Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)).")
@@ -46,7 +47,9 @@ class ModelConfig:
     )
     init_method_std: float = _f(0.02, "Std of the `normal` init methods.")
     pos_emb: str = _f("rotary", "Position embedding: rotary, learned or none.")
-    rotary_pct: float = _f(1.0, "Fraction of each head's dims that get rotary (NeoX partial rotary).")
+    rotary_pct: float = _f(
+        1.0, "Fraction of each head's dims that get rotary (NeoX partial rotary)."
+    )
     rotary_emb_base: float = _f(10000.0, "RoPE base (theta).")
     norm: str = _f("layernorm", "layernorm (NeoX) or rmsnorm (Llama).")
     layernorm_epsilon: float = _f(1e-5, "Epsilon of LayerNorm / RMSNorm.")
@@ -112,6 +115,9 @@ class TrainingConfig:
     )
     precision: str = _f("fp32", "fp32, bfloat16 or fp16 (fp16 needs a GPU).")
     zero_optimization: dict = _f({"stage": 0}, "DeepSpeed zero_optimization block, passed through.")
+    exit_interval: int | None = _f(
+        None, "Stop (with a checkpoint) after this iteration, e.g. to fit a job time limit."
+    )
     checkpoint_activations: bool = _f(False, "Recompute each block in backward.")
     seed: int = _f(1234, "Seed of init, data order and dropout.")
     deepspeed_extra: dict = _f({}, "Extra DeepSpeed config entries merged last (expert use).")
@@ -161,6 +167,9 @@ class LoggingConfig:
     wandb_mode: str = _f("offline", "W&B mode: offline unless set to online.")
     wandb_dir: str | None = _f(None, "W&B directory (None = save dir or ./wandb).")
     tensorboard_dir: str | None = _f(None, "TensorBoard event directory (None = off).")
+    metrics_jsonl: str | None = _f(
+        None, "Append every step's metrics as one JSON line to this file (rank 0)."
+    )
 
 
 @dataclass
@@ -187,22 +196,6 @@ class LauncherConfig:
 
 
 @dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sepllm: SepLLMConfig = field(default_factory=SepLLMConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    # Filled by finalize(); never read from YAML.
-    derived: "DerivedConfig" = field(default_factory=lambda: DerivedConfig())
-
-
-@dataclass
 class DerivedConfig:
     world_size: int = 1
     data_parallel_size: int = 1
@@ -215,6 +208,22 @@ class DerivedConfig:
     ffn_size: int = 0
     max_positions: int = 0
     windows: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sepllm: SepLLMConfig = field(default_factory=SepLLMConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    # Filled by finalize(); never read from YAML.
+    derived: DerivedConfig = field(default_factory=DerivedConfig)
 
 
 SECTIONS: tuple[str, ...] = (

@@ -145,9 +145,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for split in ("train", "valid", "test"):
         paths, weights = getattr(d, f"{split}_data_paths"), getattr(d, f"{split}_data_weights")
         if weights and len(weights) != len(paths):
-            errors.append(
-                f"{split}_data_weights has {len(weights)} entries for {len(paths)} paths"
-            )
+            errors.append(f"{split}_data_weights has {len(weights)} entries for {len(paths)} paths")
     errors.extend(_sepllm_errors(cfg))
     if not errors:
         try:

@@ -51,8 +51,11 @@ def _llama_layer_map(i: int) -> dict[str, str]:
 def _key_map(m: ModelConfig) -> dict[str, str]:
     fam = family(m)
     keys = (
-        {"embed.weight": "gpt_neox.embed_in.weight", "final_norm.weight":
-         "gpt_neox.final_layer_norm.weight", "final_norm.bias": "gpt_neox.final_layer_norm.bias"}
+        {
+            "embed.weight": "gpt_neox.embed_in.weight",
+            "final_norm.weight": "gpt_neox.final_layer_norm.weight",
+            "final_norm.bias": "gpt_neox.final_layer_norm.bias",
+        }
         if fam == "neox"
         else {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight"}
     )
@@ -83,7 +86,9 @@ def to_hf(state: dict[str, Tensor], m: ModelConfig) -> dict[str, Tensor]:
             q, k, v = _split_qkv(w, m)
             if fam == "neox":  # [3, H, D, ...] -> [H, 3, D, ...]
                 fused = torch.stack([t.reshape(h, d, *t.shape[1:]) for t in (q, k, v)], 1)
-                out[f"gpt_neox.layers.{i}.attention.query_key_value.{kind}"] = fused.reshape(w.shape)
+                out[f"gpt_neox.layers.{i}.attention.query_key_value.{kind}"] = fused.reshape(
+                    w.shape
+                )
             else:
                 for name, t in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                     out[f"model.layers.{i}.self_attn.{name}.{kind}"] = t

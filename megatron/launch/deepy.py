@@ -68,8 +68,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("script", help="the per-rank script, normally train.py")
     p.add_argument("configs", nargs="+", help="YAML config files, merged in order")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set train_iters=10")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set train_iters=10",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the launcher command only")
     return p.parse_args(argv)
 

@@ -72,7 +72,9 @@ class GPTModel(nn.Module):
             RotaryEmbedding(rot, m.rotary_emb_base, max_pos) if m.pos_emb == "rotary" else None
         )
         self.blocks = nn.ModuleList(Block(m) for _ in range(m.num_layers))
-        self.final_norm = build_norm(m.norm, m.hidden_size, m.layernorm_epsilon, m.use_bias_in_norms)
+        self.final_norm = build_norm(
+            m.norm, m.hidden_size, m.layernorm_epsilon, m.use_bias_in_norms
+        )
         self.head = None if not m.no_weight_tying else nn.Linear(m.hidden_size, vocab_size, False)
         self.emb_drop = nn.Dropout(m.hidden_dropout)
         self.checkpoint_activations = checkpoint_activations

@@ -40,7 +40,15 @@ def make_loader(
     dataset: Dataset, consumed: int, micro: int, dp: int, rank: int, num_workers: int
 ) -> DataLoader:
     sampler = GlobalBatchSampler(len(dataset), consumed, micro, dp, rank)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate, num_workers=num_workers)
+    # A private generator: creating a loader must not advance the global RNG (dropout), or a
+    # resumed run (which creates its loader at a different moment) would diverge.
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=_collate,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(consumed),
+    )
 
 
 def split_batch(

@@ -103,7 +103,9 @@ def find_tag(ckpt: CheckpointConfig) -> str | None:
     if ckpt.iteration is not None:
         tag = tag_for(ckpt.iteration)
         if not (root / tag).is_dir():
-            raise CheckpointError(f"iteration {ckpt.iteration} requested but {root / tag} is missing")
+            raise CheckpointError(
+                f"iteration {ckpt.iteration} requested but {root / tag} is missing"
+            )
     else:
         latest = root / "latest"
         if not latest.is_file():

@@ -53,17 +53,13 @@ def gather_sources(
 
 
 def prepare_bundled_data(cfg: Config) -> None:
-    """Fill data_path / vocab_file from the bundled corpus when the config asks for it."""
-    if cfg.data.prepare_data is None:
-        return
-    if cfg.data.prepare_data != "shakespeare":
-        raise ConfigError(f"prepare_data: unknown corpus {cfg.data.prepare_data!r} (shakespeare)")
-    from megatron.data.bundled import ensure_shakespeare  # noqa: PLC0415
+    """Build the bundled corpus named by `prepare_data` (if missing) and point the config at it."""
+    from megatron.data.bundled import prepare_data  # noqa: PLC0415
 
-    root = str(Path(cfg.data.data_path).parent) if cfg.data.data_path else "data/shakespeare"
-    prefix, tokenizer = ensure_shakespeare(root)
-    cfg.data.data_path = cfg.data.data_path or prefix
-    cfg.data.vocab_file = cfg.data.vocab_file or tokenizer
+    try:
+        prepare_data(cfg.data)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -109,11 +105,20 @@ def run(cfg: Config, raw: dict[str, str], rank: int, world: int, device: Any) ->
         d = cfg.derived
         log.info(
             "world %d | global batch %d = micro %d x accum %d x dp %d | vocab %d (padded %d)",
-            world, d.global_batch, d.micro_batch, d.grad_accum, d.data_parallel_size,
-            d.vocab_size, d.padded_vocab_size,
+            world,
+            d.global_batch,
+            d.micro_batch,
+            d.grad_accum,
+            d.data_parallel_size,
+            d.vocab_size,
+            d.padded_vocab_size,
         )
-    train, valid, test = build_train_valid_test_datasets(
-        cfg.data, cfg.model.seq_length, cfg.training.seed, sample_counts(cfg)
-    )
+    # Rank 0 builds (and caches) the index arrays first; the others then only load them.
+    for turn in (0, 1):
+        if (rank == 0) == (turn == 0):
+            train, valid, test = build_train_valid_test_datasets(
+                cfg.data, cfg.model.seq_length, cfg.training.seed, sample_counts(cfg)
+            )
+        dist.barrier()
     trainer = Trainer(cfg, Datasets(train, valid, test), rank, device, tokenizer.eod, raw)
     return trainer.run()

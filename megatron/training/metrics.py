@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -14,9 +15,11 @@ log = logging.getLogger("megatron")
 class MetricsWriter:
     def __init__(self, cfg: LoggingConfig, rank: int, run_config: dict[str, Any], save: str | None):
         self.enabled = rank == 0
-        self.tb = self.wandb = None
+        self.tb = self.wandb = self.jsonl = None
         if not self.enabled:
             return
+        if cfg.metrics_jsonl:
+            self.jsonl = open(cfg.metrics_jsonl, "a")  # noqa: SIM115 - closed in close()
         if cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
@@ -35,6 +38,9 @@ class MetricsWriter:
     def scalars(self, values: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"iteration": step, **values}) + "\n")
+            self.jsonl.flush()
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
@@ -42,6 +48,8 @@ class MetricsWriter:
             self.wandb.log(values, step=step)
 
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:

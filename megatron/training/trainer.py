@@ -56,7 +56,11 @@ class Trainer:
     def _batches(self, dataset: Any, consumed: int) -> Iterator[torch.Tensor]:
         d = self.cfg.derived
         loader = make_loader(
-            dataset, consumed, d.micro_batch, d.data_parallel_size, dist.get_rank(),
+            dataset,
+            consumed,
+            d.micro_batch,
+            d.data_parallel_size,
+            dist.get_rank(),
             self.cfg.data.num_workers,
         )
         for tokens in loader:
@@ -86,13 +90,17 @@ class Trainer:
         tokens_per_step = d.global_batch * cfg.model.seq_length
         window_start, window_losses = time.perf_counter(), []
         start_iter = self.iteration
-        while self.iteration < cfg.training.train_iters:
+        stop = cfg.training.train_iters
+        if cfg.training.exit_interval:
+            stop = min(stop, cfg.training.exit_interval)
+        while self.iteration < stop:
             lr = self.scheduler.get_last_lr()[0]
             loss, grad_norm = self.train_step(batches)
             loss = _dp_mean(loss, self.device)
             self.iteration += 1
             self.losses.append(loss)
             window_losses.append(loss)
+            self.metrics.scalars({"train/step_loss": loss}, self.iteration)
             if self.iteration % cfg.logging.log_interval == 0 or self.iteration == start_iter + 1:
                 now = time.perf_counter()
                 per_iter = (now - window_start) / len(window_losses)
@@ -107,6 +115,8 @@ class Trainer:
                 window_start, window_losses = now, []
             self._maybe_eval()
             self._maybe_save()
+        if cfg.training.zero_optimization.get("stage", 0) < 3:  # ZeRO-3 shards the weights
+            check_replicas(self.engine.module, self.rank)
         self.metrics.close()
         return self.losses
 
@@ -161,7 +171,8 @@ class Trainer:
 
     def _maybe_save(self) -> None:
         ck, it = self.cfg.checkpoint, self.iteration
-        if not ck.save or (it % ck.checkpoint_factor and it != self.cfg.training.train_iters):
+        last = it in (self.cfg.training.train_iters, self.cfg.training.exit_interval)
+        if not ck.save or (it % ck.checkpoint_factor and not last):
             return
         client = {"iteration": it, "consumed_samples": it * self.cfg.derived.global_batch}
         path = checkpoint.save(
@@ -181,3 +192,17 @@ def _local_grad_norm(module: torch.nn.Module) -> float:
     """Norm of the (already data-parallel averaged) .grad tensors; 0.0 when none are held."""
     grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+
+
+def check_replicas(module: torch.nn.Module, rank: int) -> None:
+    """Data-parallel replicas must hold identical weights; a silent divergence is a bug."""
+    with torch.no_grad():
+        flat = [p.detach().double().flatten() for p in module.parameters()]
+        local = torch.stack([sum(f.sum() for f in flat), sum(f.square().sum() for f in flat)])
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    sums = [tuple(float(x) for x in g) for g in gathered]
+    if rank == 0:
+        log.info("weight checksums per rank: %s", " ".join(f"{a:.12e}/{b:.12e}" for a, b in sums))
+    if any(s != sums[0] for s in sums):
+        raise RuntimeError(f"data-parallel replicas diverged: checksums {sums}")

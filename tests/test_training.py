@@ -1,0 +1,160 @@
+"""End-to-end training through the real entry points, in fresh processes (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import free_port, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp_path: Path, shakespeare: tuple[str, str], name: str = "c.yml", **kw) -> Path:
+    prefix, tokenizer = shakespeare
+    cfg = {
+        "num_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "seq_length": 64,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 2,
+        "train_iters": 8,
+        "lr": 2e-3,
+        "warmup": 0.25,
+        "min_lr": 1e-4,
+        "hidden_dropout": 0.1,  # makes the result depend on the restored RNG state
+        "data_path": prefix,
+        "vocab_file": tokenizer,
+        "tokenizer_type": "HFTokenizer",
+        "split": "900,100,0",
+        "log_interval": 1,
+        "eval_interval": 4,
+        "eval_iters": 2,
+        "checkpoint_factor": 4,
+        "seed": 7,
+        "master_port": free_port(),
+        "metrics_jsonl": str(tmp_path / f"{name}.jsonl"),
+        **kw,
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def step_losses(path: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["iteration"]: r["train/step_loss"] for r in rows if "train/step_loss" in r}
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path: Path, shakespeare) -> None:
+    straight = write_config(tmp_path, shakespeare, "straight.yml", save=str(tmp_path / "a"))
+    run_cli(["train.py", str(straight)])
+    ref = step_losses(tmp_path / "straight.yml.jsonl")
+    assert sorted(ref) == list(range(1, 9))
+
+    resumed = write_config(
+        tmp_path,
+        shakespeare,
+        "resumed.yml",
+        save=str(tmp_path / "b"),
+        load=str(tmp_path / "b"),
+        allow_fresh_start=True,
+    )
+    run_cli(["train.py", str(resumed), "--set", "exit_interval=4"])
+    assert (tmp_path / "b" / "latest").read_text() == "global_step4"
+    out = run_cli(["train.py", str(resumed)])
+    assert "resumed from" in out.stdout + out.stderr
+    got = step_losses(tmp_path / "resumed.yml.jsonl")
+    assert sorted(got) == list(range(1, 9))
+    for it in range(1, 9):
+        assert got[it] == ref[it], f"iteration {it}: {got[it]} != {ref[it]}"
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_two_process_data_parallel_matches_single_process(
+    tmp_path: Path, shakespeare, stage: int
+) -> None:
+    zero = {"zero_optimization": {"stage": stage}, "hidden_dropout": 0.0}
+    single = write_config(tmp_path, shakespeare, "single.yml", train_iters=4, **zero)
+    run_cli(["train.py", str(single)])
+    # Same global batch (4): 2 ranks x micro 2 x accumulation 1 instead of 1 x 2 x 2.
+    dp = write_config(
+        tmp_path,
+        shakespeare,
+        "dp.yml",
+        train_iters=4,
+        num_gpus=2,
+        gradient_accumulation_steps=1,
+        **zero,
+    )
+    out = run_cli(["deepy.py", "train.py", str(dp)])
+    log = out.stdout + out.stderr
+    sums = re.search(r"weight checksums per rank: (.*)", log).group(1).split()
+    assert len(sums) == 2 and sums[0] == sums[1], sums
+    ref, got = step_losses(tmp_path / "single.yml.jsonl"), step_losses(tmp_path / "dp.yml.jsonl")
+    assert sorted(got) == [1, 2, 3, 4]
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], rel=1e-5, abs=1e-6)
+
+
+def test_bf16_with_zero2_trains(tmp_path: Path, shakespeare) -> None:
+    cfg = write_config(
+        tmp_path,
+        shakespeare,
+        precision="bfloat16",
+        zero_optimization={"stage": 2},
+        train_iters=6,
+        lr=5e-3,
+    )
+    run_cli(["train.py", str(cfg)])
+    losses = step_losses(tmp_path / "c.yml.jsonl")
+    assert losses[6] < losses[1]
+
+
+def test_finetune_loads_weights_and_restarts(tmp_path: Path, shakespeare) -> None:
+    base = write_config(tmp_path, shakespeare, "base.yml", save=str(tmp_path / "base"))
+    run_cli(["train.py", str(base)])
+    ft = write_config(
+        tmp_path,
+        shakespeare,
+        "ft.yml",
+        load=str(tmp_path / "base"),
+        finetune=True,
+        save=str(tmp_path / "ft"),
+        train_iters=2,
+    )
+    out = run_cli(["train.py", str(ft)])
+    first = step_losses(tmp_path / "ft.yml.jsonl")[1]
+    base_first = step_losses(tmp_path / "base.yml.jsonl")[1]
+    assert first < base_first - 0.5  # starts from trained weights, not from scratch
+    assert "resumed from" in out.stdout + out.stderr
+    assert (tmp_path / "ft" / "latest").read_text() == "global_step2"  # iteration restarted
+
+
+def test_missing_checkpoint_is_an_error(tmp_path: Path, shakespeare) -> None:
+    cfg = write_config(tmp_path, shakespeare, load=str(tmp_path / "nothing"))
+    with pytest.raises(AssertionError, match="holds no checkpoint"):
+        run_cli(["train.py", str(cfg)])
+
+
+def test_keep_last_and_complete_markers(tmp_path: Path, shakespeare) -> None:
+    cfg = write_config(
+        tmp_path,
+        shakespeare,
+        save=str(tmp_path / "ck"),
+        checkpoint_factor=2,
+        keep_last_n_checkpoints=2,
+    )
+    run_cli(["train.py", str(cfg)])
+    ck = tmp_path / "ck"
+    assert sorted(p.name for p in ck.glob("global_step*")) == ["global_step6", "global_step8"]
+    assert (ck / "latest").read_text() == "global_step8"
+    assert (ck / "global_step8" / "COMPLETE").is_file()
+    saved = yaml.safe_load((ck / "global_step8" / "config.yml").read_text())
+    assert saved["training"]["train_batch_size"] == 4  # the resolved (derived) batch triple
+    assert (ck / "global_step8" / "configs" / "c.yml").is_file()
