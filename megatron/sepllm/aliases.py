@@ -1,0 +1,122 @@
+"""Original SepLLM config keys -> our SepLLMConfig fields.
+
+`SEPLLM_ALIASES[key](value)` returns the fields that key sets ({} when the key only matters in
+combination, e.g. a false mode flag). The loader errors when two keys set one field to
+different values: that is how USE_ORIGINAL_FULL_ATTEN: true + streamingLLM: true (two modes)
+is rejected. `apply_sepllm_aliases` does the whole translation of a section, including the
+combinations a single key cannot decide:
+  * both mode flags false (the original's default meaning) -> mode sepllm;
+  * USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS false -> the per-layer lists are ignored, as in the
+    original (which ships default lists next to a false flag).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def _sep_ids(value: Any) -> dict[str, Any]:
+    ids = [int(x) for x in (value or [])]
+    # [-1] (or any negative id) means "no separators" in the original.
+    return {"separator_token_ids": [x for x in ids if x >= 0]}
+
+
+def _init_tok_max_idx(value: Any) -> dict[str, Any]:
+    # a = idx + 1 initial tokens (positions 0..idx); -1 disables them.
+    return {"init_tokens": max(int(value) + 1, 0)}
+
+
+def _flag_mode(mode: str) -> Callable[[Any], dict[str, Any]]:
+    def alias(value: Any) -> dict[str, Any]:
+        return {"mode": mode} if bool(value) else {}
+
+    return alias
+
+
+def _bipe(value: Any) -> dict[str, Any]:
+    if bool(value):
+        raise ValueError("BiPE is not implemented")
+    return {}
+
+
+def _field(name: str, cast: Callable[[Any], Any]) -> Callable[[Any], dict[str, Any]]:
+    def alias(value: Any) -> dict[str, Any]:
+        return {name: cast(value)}
+
+    return alias
+
+
+def _int_list(value: Any) -> list[int] | None:
+    return None if value is None else [int(x) for x in value]
+
+
+def _kernel_accelerator(value: Any) -> dict[str, Any]:
+    # The original's flag selects its FlexAttention path; our 'auto' uses flex on CUDA and the
+    # exact compact kernel elsewhere, so a true flag keeps 'auto' and false sets nothing.
+    return {"attention_kernel": "auto"} if bool(value) else {}
+
+
+SEPLLM_ALIASES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "separator_token_ids": _sep_ids,
+    "PADDING_ID": _field("pad_token_id", int),
+    "prefill_local_window_size": _field("local_window", int),
+    "generate_local_window_size": _field("generate_window", int),
+    "USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS": lambda value: {},  # see apply_sepllm_aliases
+    "prefill_loc_win_size_list": _field("local_window_per_layer", _int_list),
+    "generate_win_loc_size_list": _field("generate_window_per_layer", _int_list),
+    "init_tok_max_idx": _init_tok_max_idx,
+    "USE_ORIGINAL_FULL_ATTEN": _flag_mode("full"),
+    "streamingLLM": _flag_mode("streamingllm"),
+    "USE_SEP_ATTN_KERNEL_ACCELERATOR": _kernel_accelerator,
+    "BATCH_ADAPTIVE_INIT_POS": _field("batch_adaptive_init_pos", bool),
+    "PRINT_KV_RATIO": _field("print_kv_ratio", bool),
+    "print_ratio_intervals": _field("print_ratio_intervals", int),
+    "USE_BiPE": _bipe,
+    "BiPE_seps": lambda value: {},  # only meaningful with BiPE, which raises
+}
+
+_LOWER = {k.lower(): k for k in SEPLLM_ALIASES}
+
+
+def lookup_alias(key: str) -> str | None:
+    """The original key a config key names: exact match first, then case-insensitive
+    (dashes are read as underscores)."""
+    key = key.replace("-", "_")
+    if key in SEPLLM_ALIASES:
+        return key
+    return _LOWER.get(key.lower())
+
+
+def apply_sepllm_aliases(section: dict[str, Any]) -> dict[str, Any]:
+    """Translate original keys in `section` (others pass through); ValueError on conflicts."""
+    out: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    originals: dict[str, Any] = {}
+    for key, value in section.items():
+        name = lookup_alias(key)
+        if name is None:
+            _set(out, origin, key, value, key)
+        else:
+            originals[name] = value
+    use_layers = originals.get("USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS", True)
+    for name, value in originals.items():
+        if not use_layers and name in ("prefill_loc_win_size_list", "generate_win_loc_size_list"):
+            continue  # the original ignores the lists unless the flag is on
+        for field, v in SEPLLM_ALIASES[name](value).items():
+            _set(out, origin, field, v, name)
+    flags = ("USE_ORIGINAL_FULL_ATTEN", "streamingLLM")
+    if "mode" not in out and any(f in originals for f in flags):
+        if not any(bool(originals.get(f, False)) for f in flags):
+            out["mode"] = "sepllm"  # neither full nor streaming: the original's SepLLM mode
+    return out
+
+
+def _set(out: dict[str, Any], origin: dict[str, str], field: str, value: Any, src: str) -> None:
+    if field in out and out[field] != value:
+        raise ValueError(
+            f"sepllm config: {src}={value!r} conflicts with {origin[field]}={out[field]!r} "
+            f"(both set {field})"
+        )
+    out[field] = value
+    origin[field] = src
