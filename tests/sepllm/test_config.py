@@ -1,0 +1,138 @@
+"""Original-key aliases, config checks and separator-id derivation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from megatron.config.schema import SepLLMConfig
+from megatron.sepllm.aliases import SEPLLM_ALIASES, apply_sepllm_aliases, lookup_alias
+from megatron.sepllm.separators import default_tiktoken_file, separator_ids_for_file
+from megatron.sepllm.validate import validate_sepllm
+
+ORIGINAL_KEYS = (
+    "separator_token_ids PADDING_ID prefill_local_window_size generate_local_window_size "
+    "USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS prefill_loc_win_size_list generate_win_loc_size_list "
+    "init_tok_max_idx USE_ORIGINAL_FULL_ATTEN streamingLLM USE_SEP_ATTN_KERNEL_ACCELERATOR "
+    "BATCH_ADAPTIVE_INIT_POS PRINT_KV_RATIO print_ratio_intervals USE_BiPE BiPE_seps"
+).split()
+
+
+def test_every_original_key_has_an_alias() -> None:
+    assert set(ORIGINAL_KEYS) == set(SEPLLM_ALIASES)
+    fields = set(SepLLMConfig.__dataclass_fields__)
+    for key, fn in SEPLLM_ALIASES.items():
+        value = [1, 2] if "list" in key or key == "separator_token_ids" else False
+        assert set(fn(value)) <= fields, key
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("init_tok_max_idx", 2, {"init_tokens": 3}),
+        ("init_tok_max_idx", -1, {"init_tokens": 0}),
+        ("separator_token_ids", [-1], {"separator_token_ids": []}),
+        ("separator_token_ids", [15, 13], {"separator_token_ids": [15, 13]}),
+        ("USE_ORIGINAL_FULL_ATTEN", True, {"mode": "full"}),
+        ("streamingLLM", True, {"mode": "streamingllm"}),
+        ("streamingLLM", False, {}),
+        ("prefill_local_window_size", 64, {"local_window": 64}),
+        ("generate_win_loc_size_list", [8, 9], {"generate_window_per_layer": [8, 9]}),
+        ("PADDING_ID", 0, {"pad_token_id": 0}),
+        ("BATCH_ADAPTIVE_INIT_POS", True, {"batch_adaptive_init_pos": True}),
+        ("PRINT_KV_RATIO", True, {"print_kv_ratio": True}),
+    ],
+)
+def test_alias_values(key: str, value, expected) -> None:  # noqa: ANN001
+    assert SEPLLM_ALIASES[key](value) == expected
+
+
+def test_bipe_is_rejected() -> None:
+    with pytest.raises(ValueError, match="BiPE is not implemented"):
+        SEPLLM_ALIASES["USE_BiPE"](True)
+    assert SEPLLM_ALIASES["USE_BiPE"](False) == {}
+
+
+def test_apply_aliases_section() -> None:
+    out = apply_sepllm_aliases(
+        {
+            "USE_ORIGINAL_FULL_ATTEN": False,
+            "streamingLLM": False,
+            "init-tok-max-idx": 3,
+            "USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS": False,
+            "prefill_loc_win_size_list": [1, 2],
+            "local_window": 64,
+        }
+    )
+    assert out == {"mode": "sepllm", "init_tokens": 4, "local_window": 64}
+    with pytest.raises(ValueError, match="conflicts"):
+        apply_sepllm_aliases({"USE_ORIGINAL_FULL_ATTEN": True, "streamingLLM": True})
+    assert lookup_alias("streamingllm") == "streamingLLM"  # case-insensitive fallback
+    assert lookup_alias("separator-token-ids") == "separator_token_ids"
+
+
+def _errors(**kw) -> list[str]:  # noqa: ANN003
+    base = {"mode": "sepllm", "separator_token_ids": [13], "local_window": 64}
+    return validate_sepllm(SepLLMConfig(**{**base, **kw}), num_layers=4, seq_length=256)
+
+
+def test_validate_accepts_good_configs() -> None:
+    assert _errors() == []
+    assert _errors(mode="streamingllm", separator_token_ids=[]) == []
+    assert _errors(mode="full") == []
+    assert _errors(local_window_per_layer=[256, 64, 64, 256]) == []
+
+
+@pytest.mark.parametrize(
+    "kw, fragment",
+    [
+        ({"mode": "sparse"}, "mode 'sparse' is unknown"),
+        ({"attention_kernel": "fast"}, "attention_kernel 'fast' is unknown"),
+        ({"attention_kernel": "causal"}, "ignores the sepllm mask"),
+        ({"local_window": 0}, "local_window must be >= 1"),
+        ({"local_window_per_layer": [64, 64]}, "has 2 entries but the model has 4 layers"),
+        ({"local_window_per_layer": [64, 0, 1, 2]}, "windows must be >= 1"),
+        ({"separator_token_ids": []}, "needs separator_token_ids"),
+        ({"mode": "streamingllm"}, "keeps no separators"),
+        ({"init_tokens": -1}, "init_tokens must be >= 0"),
+        ({"separator_token_ids": [-1]}, "negative ids"),
+    ],
+)
+def test_validate_errors(kw, fragment: str) -> None:  # noqa: ANN001
+    errors = _errors(**kw)
+    assert any(fragment in e for e in errors), errors
+
+
+GPT2 = default_tiktoken_file()
+
+
+@pytest.mark.skipif(GPT2 is None, reason="gpt2.tiktoken (whisper assets) not installed")
+def test_gpt2_separator_ids() -> None:
+    found = {t.text: t.id for t in separator_ids_for_file(GPT2)}
+    expected = {".": 13, ",": 11, "?": 30, "!": 0, ";": 26, ":": 25, "\n": 198, " ": 220}
+    assert {k: found[k] for k in expected} == expected
+    extended = {t.text: t.id for t in separator_ids_for_file(GPT2, extended=True)}
+    assert extended[" ."] == 764 and extended["\n\n"] == 628
+
+
+def test_hf_tokenizer_json(tmp_path) -> None:  # noqa: ANN001
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["Hello, world. How are you?  Fine!\n"] * 20, trainer=trainer)
+    path = os.path.join(tmp_path, "tokenizer.json")
+    tok.save(path)
+    found = separator_ids_for_file(path)
+    # Same ordering rule as GPT-NeoX-20B: printable bytes first, after the 2 special tokens.
+    assert [t.id for t in found[:6]] == [15, 13, 32, 2, 28, 27]
+    assert [t.text for t in found] == [".", ",", "?", "!", ";", ":", " ", "\t", "\n"]
