@@ -87,7 +87,7 @@ NEOX_ALIASES: dict[str, Callable[[Any], dict[str, Any]]] = {
 
 
 def _aliases() -> dict[str, Callable[[Any], dict[str, Any]]]:
-    from megatron.sepllm.aliases import SEPLLM_ALIASES  # noqa: PLC0415 - optional module
+    from megatron.sepllm.aliases import SEPLLM_ALIASES  # noqa: PLC0415 - avoids an import cycle
 
     return {**NEOX_ALIASES, **SEPLLM_ALIASES}
 

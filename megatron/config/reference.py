@@ -7,6 +7,7 @@ import typing
 
 from megatron.config.loader import NEOX_ALIASES, _section_class
 from megatron.config.schema import SECTIONS
+from megatron.sepllm.aliases import SEPLLM_ALIASES
 
 HEADER = """# Configuration reference
 
@@ -35,11 +36,5 @@ def render() -> str:
             )
         lines.append("")
     lines += ["## Accepted aliases", "", "NeoX forms: " + ", ".join(f"`{k}`" for k in NEOX_ALIASES)]
-    try:
-        from megatron.sepllm.aliases import SEPLLM_ALIASES  # noqa: PLC0415
-
-        lines.append("")
-        lines.append("Original SepLLM keys: " + ", ".join(f"`{k}`" for k in SEPLLM_ALIASES))
-    except ImportError:
-        pass
+    lines += ["", "Original SepLLM keys: " + ", ".join(f"`{k}`" for k in SEPLLM_ALIASES)]
     return "\n".join(lines) + "\n"
