@@ -49,10 +49,9 @@ class _Plan:
     a: int  # initial keys
     init_idx: torch.Tensor | None  # [B, a] long, clamped to S - 1 (masked where out of range)
     mask1: torch.Tensor  # [B*C, 1, bs, a + (nb+1)*bs] float 0 / -inf
-    groups: list[tuple[int, int, int, torch.Tensor, torch.Tensor]]
-    # each group: (g0, g1, m, mask [B, 1, g1-g0, m] float, empty [B, 1, g1-g0] bool rows that
-    # see no separator; their part-2 logsumexp is forced to -inf)
+    groups: list[tuple[int, int, int, torch.Tensor]]  # (g0, g1, m, mask [B, 1, g1-g0, m])
     M: int  # width of the compact separator keys actually used (max over groups)
+    empty: torch.Tensor | None  # [B, 1, S] bool: queries that see no separator
 
 
 def block_size(window: int) -> int:
@@ -87,35 +86,36 @@ def _local_mask(info: SepInfo, window: int, bs: int, nb: int, C: int, dtype: tor
 
 
 def _sep_groups(info: SepInfo, window: int, dtype: torch.dtype):
-    """Causal tiling of the separator part: per query group, the separators it can see."""
+    """Causal tiling of the separator part: per query group, the separators it can see.
+
+    Returns (groups, M, empty): groups of (g0, g1, m, mask [B, 1, g1-g0, m] float 0 / -inf),
+    M the widest m, empty [B, 1, S] bool for queries that see no separator (their part-2
+    logsumexp must be -inf; the flash op returns 0 for an all-masked row).
+    """
     S, dev = info.seq_len, info.device
-    groups: list[tuple[int, int, int, torch.Tensor, torch.Tensor]] = []
+    groups: list[tuple[int, int, int, torch.Tensor]] = []
     if info.sep_pos.shape[1] == 0:
-        return groups, 0
+        return groups, 0, None
     sep_pos = info.sep_pos  # [B, M], padded with S
-    # A row with no visible separator gets -inf part-2 logsumexp (the flash op returns 0).
     first_visible = torch.where(
         info.sep_count > 0, sep_pos[:, 0] + window, torch.full_like(info.sep_count, S)
     )  # [B]
-    limits = torch.arange(SEP_QUERY_GROUP - 1, S + SEP_QUERY_GROUP - 1, SEP_QUERY_GROUP)
-    limits = (limits.clamp(max=S - 1) - window).to(dev)
-    # Visible separators of the group's last query, max over the batch: [n_groups]
-    visible = torch.searchsorted(
-        sep_pos, limits[None, :].expand(sep_pos.shape[0], -1).contiguous(), right=True
-    )
-    widths = visible.max(dim=0).values.tolist()
+    empty = (torch.arange(S, device=dev)[None, :] < first_visible[:, None])[:, None]
+    G = SEP_QUERY_GROUP
+    limits = (torch.arange(G - 1, S + G - 1, G).clamp(max=S - 1) - window).to(dev)
+    # Visible separators of each group's last query, max over the batch: [n_groups]
+    limits = limits[None, :].expand(sep_pos.shape[0], -1).contiguous()
+    widths = torch.searchsorted(sep_pos, limits, right=True).max(dim=0).values.tolist()
     zero = torch.zeros((), dtype=dtype, device=dev)
     neg = torch.full((), -math.inf, dtype=dtype, device=dev)
     for g, m in enumerate(widths):
         if m == 0:
             continue  # no query of this group sees a separator
-        g0, g1 = g * SEP_QUERY_GROUP, min(S, (g + 1) * SEP_QUERY_GROUP)
+        g0, g1 = g * G, min(S, (g + 1) * G)
         i = torch.arange(g0, g1, device=dev)  # [G]
         keep = sep_pos[:, None, :m] <= (i - window)[None, :, None]  # [B, G, m]
-        mask = torch.where(keep, zero, neg)[:, None]  # [B, 1, G, m]
-        empty = (i[None, :] < first_visible[:, None])[:, None]  # [B, 1, G]
-        groups.append((g0, g1, m, mask, empty))
-    return groups, max(widths)
+        groups.append((g0, g1, m, torch.where(keep, zero, neg)[:, None]))
+    return groups, max(widths), empty
 
 
 def _build_plan(info: SepInfo, window: int, dtype: torch.dtype) -> _Plan:
@@ -124,8 +124,8 @@ def _build_plan(info: SepInfo, window: int, dtype: torch.dtype) -> _Plan:
     nb = -(-(window - 1) // bs)  # ceil((w-1)/bs): previous blocks a window can reach
     C = -(-S // bs)
     mask1, init_idx = _local_mask(info, window, bs, nb, C, dtype)
-    groups, M = _sep_groups(info, window, dtype)
-    return _Plan(bs, nb, C, info.init_tokens, init_idx, mask1, groups, M)
+    groups, M, empty = _sep_groups(info, window, dtype)
+    return _Plan(bs, nb, C, info.init_tokens, init_idx, mask1, groups, M, empty)
 
 
 def _to_blocks(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -180,15 +180,18 @@ class _CompactAttention(torch.autograd.Function):
         o1, l1 = _flash(q1, k_loc, v_loc, attn_mask=plan.mask1)
         out = _from_blocks(o1, plan, B, S).float()  # [B, H, S, D]
         lse = _lse_from_blocks(l1, plan, B, S)  # [B, H, S]
-        for g0, g1, m, mask, empty in plan.groups:
-            o2, l2 = _flash(q[:, :, g0:g1], k_sep[:, :, :m], v_sep[:, :, :m], attn_mask=mask)
-            l2 = l2.float().masked_fill(empty, -math.inf)  # all-masked rows: 0 -> -inf
-            l1g = lse[:, :, g0:g1]
-            merged = torch.logaddexp(l1g, l2)
-            w1 = torch.exp(l1g - merged)[..., None]
-            w2 = torch.exp(l2 - merged)[..., None]
-            out[:, :, g0:g1] = out[:, :, g0:g1] * w1 + o2.float() * w2
-            lse[:, :, g0:g1] = merged
+        if plan.groups:
+            # Collect the separator part of every group, then merge once (fewer, larger ops).
+            o2 = torch.zeros_like(out)
+            l2 = torch.full_like(lse, -math.inf)
+            for g0, g1, m, mask in plan.groups:
+                og, lg = _flash(q[:, :, g0:g1], k_sep[:, :, :m], v_sep[:, :, :m], attn_mask=mask)
+                o2[:, :, g0:g1] = og
+                l2[:, :, g0:g1] = lg
+            l2.masked_fill_(plan.empty, -math.inf)  # all-masked rows: flash gives 0, not -inf
+            merged = torch.logaddexp(lse, l2)
+            out = out * torch.exp(lse - merged)[..., None] + o2 * torch.exp(l2 - merged)[..., None]
+            lse = merged
         out = out.to(q.dtype)
         ctx.plan = plan
         ctx.save_for_backward(q, k_loc, v_loc, k_sep, v_sep, out, lse)
@@ -215,7 +218,7 @@ class _CompactAttention(torch.autograd.Function):
         dq = _from_blocks(dq1, plan, B, S).contiguous()
         dk_sep = torch.zeros_like(k_sep) if k_sep is not None else None
         dv_sep = torch.zeros_like(v_sep) if v_sep is not None else None
-        for g0, g1, m, mask, _ in plan.groups:
+        for g0, g1, m, mask in plan.groups:
             dqg, dkg, dvg = _flash_bwd(
                 d_out[:, :, g0:g1],
                 q[:, :, g0:g1],
