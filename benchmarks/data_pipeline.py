@@ -66,9 +66,9 @@ def run_preprocess(inp: str, out: str, tok: str, workers: int) -> dict:
         "sys.argv = sys.argv[1:]\n"
         "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
         "except SystemExit:\n    pass\n"
-        "m = [resource.getrusage(w).ru_maxrss for w in "
-        "(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]\n"
-        "print('PEAK_KIB', *m)\n"
+        # VmHWM, not RUSAGE_SELF: ru_maxrss survives exec, so it would report the driver's RSS.
+        "hwm = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')]\n"
+        "print('PEAK_KIB', hwm[0], resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
     cmd = [
         sys.executable, "-c", code, os.path.join(REPO, "tools/datasets/preprocess_data.py"),
