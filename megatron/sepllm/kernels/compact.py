@@ -34,9 +34,12 @@ from megatron.sepllm.info import SepInfo
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
-# Query group of the separator part: large enough for efficient tiles, small enough that the
-# causal tiling wastes little (the waste is about G * M / 2 pairs in total).
+# Query group of the separator part: large enough for efficient tiles and few ops (each op is
+# a parallel region; on a busy 2-core machine every region costs a scheduling delay), small
+# enough that the causal tiling wastes little (about G * M / 2 pairs in total). At most
+# SEP_MAX_GROUPS groups, at least SEP_QUERY_GROUP queries each.
 SEP_QUERY_GROUP = 256
+SEP_MAX_GROUPS = 8
 
 
 @dataclass
@@ -101,7 +104,7 @@ def _sep_groups(info: SepInfo, window: int, dtype: torch.dtype):
         info.sep_count > 0, sep_pos[:, 0] + window, torch.full_like(info.sep_count, S)
     )  # [B]
     empty = (torch.arange(S, device=dev)[None, :] < first_visible[:, None])[:, None]
-    G = SEP_QUERY_GROUP
+    G = max(SEP_QUERY_GROUP, -(-S // SEP_MAX_GROUPS))
     limits = (torch.arange(G - 1, S + G - 1, G).clamp(max=S - 1) - window).to(dev)
     # Visible separators of each group's last query, max over the batch: [n_groups]
     limits = limits[None, :].expand(sep_pos.shape[0], -1).contiguous()
