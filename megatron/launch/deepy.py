@@ -75,6 +75,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a config key (repeatable), e.g. --set train_iters=10",
     )
+    p.add_argument(
+        "--num-gpus",
+        "--num_gpus",
+        type=int,
+        default=None,
+        help="processes per node (same as --set num_gpus=N)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the launcher command only")
     return p.parse_args(argv)
 
@@ -83,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        sources, raw = gather_sources(args.configs, args.set)
+        overrides = args.set + ([f"num_gpus={args.num_gpus}"] if args.num_gpus else [])
+        sources, raw = gather_sources(args.configs, overrides)
         cfg: Config = build_config(merge_sources(sources))
         world = world_size_estimate(cfg.launcher)
         validate(cfg, world or 1)
