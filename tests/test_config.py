@@ -171,3 +171,35 @@ def test_shipped_configs_load_and_validate() -> None:
     for path in files:
         standalone = "num_layers" in path.read_text()
         validate(load_config([path] if standalone else [root / "tiny.yml", path]))
+
+
+def test_original_sepllm_keys_translate_together() -> None:
+    original = {
+        "separator_token_ids": [15, 13, 32],
+        "PADDING_ID": 0,
+        "prefill_local_window_size": 64,
+        "init_tok_max_idx": 2,
+        "USE_ORIGINAL_FULL_ATTEN": False,
+        "streamingLLM": False,
+        "USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS": False,
+        "prefill_loc_win_size_list": [1, 2, 3],
+    }
+    cfg = cfg_from(**original)
+    s = cfg.sepllm
+    assert (s.mode, s.init_tokens, s.local_window, s.separator_token_ids) == (
+        "sepllm",
+        3,
+        64,
+        [15, 13, 32],
+    )
+    assert s.local_window_per_layer is None  # ignored while its flag is off, as in the original
+    validate(cfg)
+    nested = cfg_from(sepllm={"streamingLLM": True, "separator_token_ids": [-1]})
+    assert (nested.sepllm.mode, nested.sepllm.separator_token_ids) == ("streamingllm", [])
+
+
+def test_contradictory_sepllm_modes_rejected() -> None:
+    with pytest.raises(ConfigError, match="conflicts|twice"):
+        cfg_from(USE_ORIGINAL_FULL_ATTEN=True, streamingLLM=True)
+    with pytest.raises(ConfigError, match="BiPE"):
+        cfg_from(USE_BiPE=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -23,6 +24,7 @@ def _norm(key: str) -> str:
     return key.replace("-", "_")
 
 
+@functools.cache
 def field_index() -> dict[str, tuple[str, dataclasses.Field]]:
     """Flat key -> (section, dataclass field), over every section of Config."""
     index: dict[str, tuple[str, dataclasses.Field]] = {}
@@ -97,57 +99,71 @@ def _suggest(key: str, candidates: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def _resolve(raw_key: str, value: Any, origin: str, section: str | None) -> list[tuple[str, Any]]:
+    """One YAML key -> [(field name, value)]: a field (of `section` when nested) or an alias."""
+    index, aliases = field_index(), _aliases()
+    key = _norm(raw_key)
+    if key in index and (section is None or index[key][0] == section):
+        return [(key, value)]
+    fn = aliases.get(raw_key, aliases.get(key))
+    if fn is not None:
+        try:
+            return list(fn(value).items())
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{origin}: {exc}") from exc
+    if section is not None:
+        fields = [n for n, (s, _) in index.items() if s == section]
+        raise ConfigError(
+            f"{origin}: unknown key '{raw_key}' in section '{section}'" + _suggest(key, fields)
+        )
+    raise ConfigError(
+        f"{origin}: unknown key '{raw_key}'" + _suggest(key, [*index, *aliases, *SECTIONS])
+    )
+
+
+def _is_section_block(key: str, value: Any) -> bool:
+    if key not in SECTIONS or not isinstance(value, dict):
+        return False
+    # `optimizer:` is both our section and NeoX's {type, params} block: fields decide.
+    return key not in NEOX_ALIASES or all(_norm(str(k)) in field_index() for k in value)
+
+
+def _translate_sepllm(
+    items: list[tuple[str, Any, str, str | None]], source: str
+) -> list[tuple[str, Any, str, str | None]]:
+    """Original SepLLM keys are translated together: some only mean something in combination
+    (both mode flags false = SepLLM mode; per-layer lists ignored unless their flag is on)."""
+    from megatron.sepllm.aliases import apply_sepllm_aliases, lookup_alias  # noqa: PLC0415
+
+    originals = {k: v for k, v, _, sec in items if sec in (None, "sepllm") and lookup_alias(k)}
+    if not originals:
+        return items
+    try:
+        translated = apply_sepllm_aliases(originals)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    rest = [it for it in items if it[0] not in originals]
+    return rest + [(k, v, f"{source}:sepllm[{k}]", "sepllm") for k, v in translated.items()]
+
+
 def flatten(raw: dict[str, Any], source: str) -> dict[str, tuple[Any, str]]:
     """Resolve one YAML mapping into {field name: (value, where it came from)}."""
-    index = field_index()
-    aliases = _aliases()
     out: dict[str, tuple[Any, str]] = {}
-
-    def put(name: str, value: Any, origin: str) -> None:
-        if name in out and out[name][0] != value:
-            raise ConfigError(
-                f"{source}: '{name}' is set twice with different values "
-                f"({out[name][1]} = {out[name][0]!r}, {origin} = {value!r})"
-            )
-        out[name] = (value, origin)
-
+    items: list[tuple[str, Any, str, str | None]] = []
     for raw_key, value in raw.items():
         key = _norm(str(raw_key))
-        nested = key in SECTIONS and isinstance(value, dict)
-        if nested and key in aliases:  # `optimizer:` is both our section and NeoX's block
-            nested = all(_norm(str(k)) in index for k in value)
-        if nested:
-            for sub_key, sub_value in value.items():
-                name = _norm(str(sub_key))
-                origin = f"{source}:{key}.{sub_key}"
-                if name in index and index[name][0] == key:
-                    put(name, sub_value, origin)
-                elif name in aliases or str(sub_key) in aliases:
-                    fn = aliases.get(str(sub_key), aliases.get(name))
-                    for k, v in fn(sub_value).items():
-                        put(k, v, origin)
-                else:
-                    fields = [n for n, (s, _) in index.items() if s == key]
-                    raise ConfigError(
-                        f"{origin}: unknown key '{sub_key}' in section '{key}'"
-                        + _suggest(name, fields)
-                    )
-            continue
-        origin = f"{source}:{raw_key}"
-        if key in aliases or str(raw_key) in aliases:
-            fn = aliases.get(str(raw_key), aliases.get(key))
-            try:
-                converted = fn(value)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{origin}: {exc}") from exc
-            for k, v in converted.items():
-                put(k, v, origin)
-        elif key in index:
-            put(key, value, origin)
+        if _is_section_block(key, value):
+            items += [(str(k), v, f"{source}:{key}.{k}", key) for k, v in value.items()]
         else:
-            raise ConfigError(
-                f"{origin}: unknown key '{raw_key}'" + _suggest(key, [*index, *aliases, *SECTIONS])
-            )
+            items.append((str(raw_key), value, f"{source}:{raw_key}", None))
+    for raw_key, value, origin, section in _translate_sepllm(items, source):
+        for name, resolved in _resolve(raw_key, value, origin, section):
+            if name in out and out[name][0] != resolved:
+                raise ConfigError(
+                    f"{source}: '{name}' is set twice with different values "
+                    f"({out[name][1]} = {out[name][0]!r}, {origin} = {resolved!r})"
+                )
+            out[name] = (resolved, origin)
     return out
 
 
