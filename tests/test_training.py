@@ -158,3 +158,30 @@ def test_keep_last_and_complete_markers(tmp_path: Path, shakespeare) -> None:
     saved = yaml.safe_load((ck / "global_step8" / "config.yml").read_text())
     assert saved["training"]["train_batch_size"] == 4  # the resolved (derived) batch triple
     assert (ck / "global_step8" / "configs" / "c.yml").is_file()
+
+
+@pytest.mark.parametrize("mode", ["sepllm", "streamingllm"])
+def test_sparse_attention_model_trains(tmp_path: Path, shakespeare, mode: str) -> None:
+    from megatron.sepllm.separators import separator_ids_for_file
+
+    seps = [t.id for t in separator_ids_for_file(shakespeare[1])] if mode == "sepllm" else []
+    cfg = write_config(
+        tmp_path,
+        shakespeare,
+        train_iters=12,
+        lr=5e-3,
+        hidden_dropout=0.0,
+        sepllm={
+            "mode": mode,
+            "separator_token_ids": seps,
+            "init_tokens": 4,
+            "local_window": 8,
+            "print_kv_ratio": True,
+            "print_ratio_intervals": 4,
+        },
+    )
+    out = run_cli(["train.py", str(cfg)])
+    losses = step_losses(tmp_path / "c.yml.jsonl")
+    assert sum(losses[i] for i in (10, 11, 12)) < sum(losses[i] for i in (1, 2, 3)) - 1.0
+    ratios = [float(x) for x in re.findall(r"kv_ratio/w8 ([0-9.]+)", out.stdout + out.stderr)]
+    assert ratios and all(0.0 < r < 1.0 for r in ratios)
