@@ -75,7 +75,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path: Path, shakespeare) -> Non
         assert got[it] == ref[it], f"iteration {it}: {got[it]} != {ref[it]}"
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_two_process_data_parallel_matches_single_process(
     tmp_path: Path, shakespeare, stage: int
 ) -> None:

@@ -115,8 +115,7 @@ class Trainer:
                 window_start, window_losses = now, []
             self._maybe_eval()
             self._maybe_save()
-        if cfg.training.zero_optimization.get("stage", 0) < 3:  # ZeRO-3 shards the weights
-            check_replicas(self.engine.module, self.rank)
+        check_replicas(self.engine.module, self.rank)
         self.metrics.close()
         return self.losses
 
@@ -196,8 +195,13 @@ def _local_grad_norm(module: torch.nn.Module) -> float:
 
 def check_replicas(module: torch.nn.Module, rank: int) -> None:
     """Data-parallel replicas must hold identical weights; a silent divergence is a bug."""
-    with torch.no_grad():
-        flat = [p.detach().double().flatten() for p in module.parameters()]
+    import deepspeed  # noqa: PLC0415
+
+    params = list(module.parameters())
+    # Under ZeRO-3 each rank holds a shard: gather the full weights for the check (a no-op
+    # context otherwise).
+    with deepspeed.zero.GatheredParameters(params), torch.no_grad():
+        flat = [p.detach().double().flatten() for p in params]
         local = torch.stack([sum(f.sum() for f in flat), sum(f.square().sum() for f in flat)])
     gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
