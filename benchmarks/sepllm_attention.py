@@ -80,6 +80,8 @@ def fwd_bwd(kernel: Callable, q, k, v, window: int, info: SepInfo | None) -> Cal
 
 
 def fwd_only(kernel: Callable, q, k, v, window: int, info: SepInfo | None) -> Callable[[], None]:
+    q, k, v = q.detach(), k.detach(), v.detach()
+
     def run() -> None:
         with torch.no_grad():
             kernel(q, k, v, window=window, info=info)
@@ -111,6 +113,9 @@ def setup_time(info: SepInfo, w: int) -> dict[str, float]:
     return out
 
 
+_BEST_CAUSAL: dict[int, float] = {}
+
+
 def bench_one(S: int, w: int, ids: list[int], seps: list[int], args) -> list[str]:
     cfg = SepLLMConfig(mode="sepllm", separator_token_ids=seps, init_tokens=args.a, local_window=w)
     info = build_sep_info(torch.tensor([ids[:S]]), cfg)
@@ -122,6 +127,8 @@ def bench_one(S: int, w: int, ids: list[int], seps: list[int], args) -> list[str
     fns = {"causal": fwd_bwd(get_kernel("causal"), q, k, v, w, None)}
     fns |= {name: fwd_bwd(get_kernel(name), q, k, v, w, info) for name in ("dense", "compact")}
     t = time_interleaved(fns, rounds)
+    # causal does the same work for every w: keep the best time seen at this S (less noise).
+    t["causal"] = _BEST_CAUSAL[S] = min(t["causal"], _BEST_CAUSAL.get(S, float("inf")))
     setup = setup_time(info, w)
     rows = [f"{S:>6} {w:>4} {'causal':>8} {t['causal'] * 1e3:>9.1f} {'1.000':>6} {'-':>6} {'-':>7}"]
     for name in ("dense", "compact"):

@@ -11,6 +11,7 @@ import torch
 
 from megatron.config.schema import SepLLMConfig
 from megatron.sepllm.info import build_sep_info
+from megatron.sepllm.kernels import compact as compact_mod
 from megatron.sepllm.kernels import get_kernel
 
 SEP = 3  # separator id used by the synthetic batches
@@ -89,7 +90,9 @@ def _run(kernel_name, q, k, v, w, info, grad):  # noqa: ANN001, ANN202
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[-1]}-S{c[3]}-w{c[5]}-a{c[6]}" for c in CASES])
 @pytest.mark.parametrize("kernel", ["dense", "compact"])
-def test_kernel_matches_reference(case, kernel) -> None:  # noqa: ANN001
+def test_kernel_matches_reference(case, kernel, monkeypatch) -> None:  # noqa: ANN001
+    # Exercise the two-part compact path even where it would hand short sequences to dense.
+    monkeypatch.setattr(compact_mod, "DENSE_BELOW_WINDOW_RATIO", 0)
     B, H, Hkv, S, D, w, a, kind = case
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     ids, padded = make_ids(B, S, kind, gen)
