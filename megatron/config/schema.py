@@ -184,13 +184,39 @@ class LauncherConfig:
     num_gpus: int | None = _f(
         None, "Processes per node (GPUs; on CPU-only hosts, CPU ranks). None = all GPUs or 1."
     )
-    num_nodes: int = _f(1, "Nodes to use (-1 = all in hostfile).")
+    num_nodes: int = _f(
+        -1,
+        "Nodes to use: the first N hosts of the hostfile or Slurm allocation (-1 = all). "
+        "With node_rank it is the job's node count.",
+    )
     hostfile: str | None = _f(None, "DeepSpeed hostfile: lines 'host slots=N'.")
-    include: str | None = _f(None, "DeepSpeed --include host/slot selection.")
-    exclude: str | None = _f(None, "DeepSpeed --exclude host/slot selection.")
-    master_addr: str | None = _f(None, "Rendezvous address.")
+    include: str | None = _f(
+        None, "Hosts/slots to use, e.g. 'worker-0@worker-1:0,2' (not with num_nodes/num_gpus)."
+    )
+    exclude: str | None = _f(None, "Hosts/slots to leave out, same syntax as include.")
+    master_addr: str | None = _f(
+        None, "Rendezvous address (node 0). None = 127.0.0.1, ssh, Slurm's first host or MPI."
+    )
     master_port: int = _f(29500, "Rendezvous port.")
-    launcher: str = _f("pdsh", "Multi-node launcher: pdsh, openmpi, mvapich, slurm.")
+    launcher: str = _f(
+        "pdsh",
+        "Multi-node launcher: pdsh (ssh), openmpi, mpich, mvapich, impi (mpirun through the "
+        "DeepSpeed runner) or slurm (srun inside an allocation). See docs/launch.md.",
+    )
+    launcher_args: str | None = _f(
+        None, "Extra arguments for pdsh / mpirun / srun, one string (e.g. '--mca ...')."
+    )
+    node_rank: int | None = _f(
+        None,
+        "No-SSH per-node mode: this node's index in [0, num_nodes). Every node runs "
+        "`deepy.py ... --node-rank K` and starts its own ranks; needs master_addr.",
+    )
+    no_ssh: bool = _f(False, "Start only this node's ranks without pdsh/ssh (needs node_rank).")
+    rank_source: str = _f(
+        "auto",
+        "Where train.py finds its rank when no launcher set RANK: auto (MPI variables under "
+        "mpirun; Slurm's when launcher is slurm), slurm, mpi, or none (one process).",
+    )
     force_multi: bool = _f(False, "Use the multi-node launcher even on one node.")
     no_ssh_check: bool = _f(False, "Skip the DeepSpeed runner's SSH check.")
 

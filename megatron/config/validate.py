@@ -6,6 +6,7 @@ import math
 
 from megatron.config.loader import ConfigError
 from megatron.config.schema import Config, DerivedConfig, ModelConfig, TrainingConfig
+from megatron.launch.checks import validate_launcher
 
 CHOICES = {
     "activation": ("gelu", "swiglu"),
@@ -133,6 +134,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if stage not in (0, 1, 2, 3):
         errors.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
     _validate_parallel(cfg, world_size, errors)
+    validate_launcher(cfg.launcher, errors)
     for name in ("log_interval", "checkpoint_factor"):
         section = cfg.logging if name == "log_interval" else cfg.checkpoint
         if getattr(section, name) < 1:

@@ -1,23 +1,48 @@
-"""deepy.py: validate the config once, prepare bundled data, then start the DeepSpeed runner.
+"""deepy.py: validate the config once, prepare bundled data, then start the ranks.
 
 Every rank receives the same serialized config sources (not paths), so nodes need not share
-the YAML files.
+the YAML files. How the ranks start (docs/launch.md):
+- one node: DeepSpeed's runner, `--num_gpus N` local processes;
+- hostfile: DeepSpeed's runner over pdsh (ssh) or mpirun (openmpi, mpich, mvapich, impi);
+- `--node-rank K` on every node: DeepSpeed's runner with --no_ssh starts this node's ranks;
+- `launcher: slurm`: srun, one task per GPU; train.py reads SLURM_* itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
 from megatron.config.loader import ConfigError, build_config, merge_sources
 from megatron.config.schema import Config, LauncherConfig
 from megatron.config.validate import validate
+from megatron.launch import hosts, slurm
+from megatron.launch.checks import MPI_LAUNCHERS, validate_launcher
 from megatron.training.main import encode_sources, gather_sources, prepare_bundled_data
 
 log = logging.getLogger("megatron")
+
+HOSTFILE = "<hostfile>"  # stands for a hostfile deepy.py writes just before launching
+
+
+@dataclass
+class LaunchPlan:
+    program: str  # "deepspeed" (deepspeed.launcher.runner arguments) or "srun" (a command)
+    argv: list[str]
+    world_size: int | None  # when knowable before launch
+    hostfile_text: str | None = None  # contents for HOSTFILE, when argv uses it
+    needs: list[str] = field(default_factory=list)  # programs that must be installed
 
 
 def procs_per_node(lc: LauncherConfig) -> int:
@@ -26,40 +51,151 @@ def procs_per_node(lc: LauncherConfig) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
-def runner_args(lc: LauncherConfig, script: str, script_args: list[str]) -> list[str]:
-    """Arguments of deepspeed.launcher.runner for this launcher section."""
-    args: list[str] = []
-    if lc.hostfile:
-        args += ["--hostfile", lc.hostfile, "--launcher", lc.launcher]
-        if lc.include:
-            args += ["--include", lc.include]
-        if lc.exclude:
-            args += ["--exclude", lc.exclude]
-        if not (lc.include or lc.exclude):
-            args += ["--num_nodes", str(lc.num_nodes)]
-            if lc.num_gpus is not None:
-                args += ["--num_gpus", str(lc.num_gpus)]
-    else:
-        # No hostfile: one node, so the process count must be explicit (a CPU host has no GPUs
-        # for the runner to count).
-        args += ["--num_gpus", str(procs_per_node(lc))]
-    if lc.master_addr:
-        args += ["--master_addr", lc.master_addr]
+def _common_args(lc: LauncherConfig) -> list[str]:
+    args = ["--master_addr", lc.master_addr] if lc.master_addr else []
     args += ["--master_port", str(lc.master_port)]
     if lc.force_multi:
         args.append("--force_multi")
     if lc.no_ssh_check:
         args.append("--no_ssh_check")
-    return args + [script, *script_args]
+    return args
 
 
-def world_size_estimate(lc: LauncherConfig) -> int | None:
-    """Total ranks when knowable before launch (single node, or num_nodes x num_gpus)."""
-    if not lc.hostfile:
-        return procs_per_node(lc)
-    if lc.num_nodes > 0 and lc.num_gpus and not (lc.include or lc.exclude):
-        return lc.num_nodes * lc.num_gpus
-    return None
+def _filter_args(lc: LauncherConfig) -> list[str]:
+    """include/exclude, or num_nodes/num_gpus: the runner accepts only one of the two kinds."""
+    if lc.include:
+        return ["--include", lc.include]
+    if lc.exclude:
+        return ["--exclude", lc.exclude]
+    args = ["--num_nodes", str(lc.num_nodes)] if lc.num_nodes > 0 else []
+    return args + (["--num_gpus", str(lc.num_gpus)] if lc.num_gpus else [])
+
+
+def _no_ssh_plan(lc: LauncherConfig) -> LaunchPlan:
+    """This node only: the runner's --no_ssh --node_rank K starts the local slots of host K."""
+    assert lc.node_rank is not None
+    if lc.hostfile:
+        pool = hosts.resolve_pool(lc, hosts.read_hostfile(lc.hostfile))
+        args, text = ["--hostfile", lc.hostfile, *_filter_args(lc)], None
+    else:
+        slots = hosts.placeholder_hosts(lc.num_nodes, procs_per_node(lc))
+        pool = {h: list(range(n)) for h, n in slots.items()}
+        args, text = ["--hostfile", HOSTFILE], hosts.render_hostfile(slots)
+    if lc.node_rank >= len(pool):
+        raise ConfigError(f"node_rank {lc.node_rank} out of range: the job has {len(pool)} nodes")
+    args += ["--no_ssh", "--node_rank", str(lc.node_rank), *_common_args(lc)]
+    return LaunchPlan("deepspeed", args, hosts.world_size(pool), text)
+
+
+def _hostfile_plan(lc: LauncherConfig) -> LaunchPlan:
+    assert lc.hostfile
+    pool = hosts.resolve_pool(lc, hosts.read_hostfile(lc.hostfile))
+    args = ["--launcher", lc.launcher]
+    multi = len(pool) > 1 or lc.force_multi
+    if lc.launcher in MPI_LAUNCHERS:
+        # The runner refuses filters for mpirun, and mpirun cannot pick slot ids; so hand it a
+        # hostfile of the resolved hosts with their slot counts.
+        for host, slots in pool.items():
+            if slots != list(range(len(slots))):
+                raise ConfigError(f"launcher {lc.launcher} cannot use slots {slots} of {host}")
+        text = hosts.render_hostfile({h: len(s) for h, s in pool.items()})
+        args = ["--hostfile", HOSTFILE, *args]
+        if lc.launcher == "openmpi" and lc.master_addr:
+            # mpirun does not forward these by itself (MPICH's runner does).
+            extra = f"-x MASTER_ADDR={lc.master_addr} -x MASTER_PORT={lc.master_port}"
+            lc_args = f"{lc.launcher_args or ''} {extra}".strip()
+        else:
+            lc_args = lc.launcher_args or ""
+        needs = ["mpirun"] if multi else []
+    else:
+        args = ["--hostfile", lc.hostfile, *args, *_filter_args(lc)]
+        text, lc_args, needs = None, lc.launcher_args or "", ["pdsh"] if multi else []
+    if lc_args:
+        args += ["--launcher_args", lc_args]
+    return LaunchPlan("deepspeed", args + _common_args(lc), hosts.world_size(pool), text, needs)
+
+
+def _slurm_plan(lc: LauncherConfig, script: str, script_args: list[str]) -> LaunchPlan:
+    per_node = lc.num_gpus or (torch.cuda.device_count() if torch.cuda.is_available() else None)
+    world = lc.num_nodes * per_node if lc.num_nodes > 0 and per_node else None
+    cmd = slurm.srun_command(lc, per_node, script, script_args)
+    return LaunchPlan("srun", cmd, world, needs=["srun"])
+
+
+def build_plan(lc: LauncherConfig, script: str, script_args: list[str]) -> LaunchPlan:
+    """How to start every rank for this launcher section (after validate())."""
+    if lc.launcher == "slurm":
+        return _slurm_plan(lc, script, script_args)
+    if lc.node_rank is not None:
+        plan = _no_ssh_plan(lc)
+    elif lc.hostfile:
+        plan = _hostfile_plan(lc)
+    else:
+        # No hostfile: one node, so the process count must be explicit (a CPU host has no GPUs
+        # for the runner to count).
+        if lc.num_nodes > 1:
+            raise ConfigError(
+                f"num_nodes {lc.num_nodes} needs a hostfile (pdsh / MPI launchers), "
+                "--node-rank K on every node (no SSH), or launcher: slurm"
+            )
+        n = procs_per_node(lc)
+        plan = LaunchPlan("deepspeed", ["--num_gpus", str(n), *_common_args(lc)], n)
+    plan.argv += [script, *script_args]
+    return plan
+
+
+def runner_args(lc: LauncherConfig, script: str, script_args: list[str]) -> list[str]:
+    """Arguments of deepspeed.launcher.runner (or the srun command) for this launcher section."""
+    return build_plan(lc, script, script_args).argv
+
+
+def describe(plan: LaunchPlan) -> str:
+    """The command, shell-quoted, with the serialized config shortened."""
+    argv = [a if len(a) < 200 else "<config>" for a in plan.argv]
+    text = shlex.join(["deepspeed", *argv] if plan.program == "deepspeed" else argv)
+    if plan.hostfile_text:
+        text += f"\n{HOSTFILE}:\n{plan.hostfile_text.rstrip()}"
+    return text
+
+
+def preflight(plan: LaunchPlan) -> None:
+    """Fail before launching when a program the plan runs is not installed here."""
+    for program in plan.needs:
+        if shutil.which(program) is None:
+            hint = {
+                "pdsh": "install pdsh, or run `deepy.py ... --node-rank K` on every node",
+                "srun": "run inside a Slurm allocation (sbatch / salloc)",
+                "mpirun": "install Open MPI or MPICH (mpirun) on this node",
+            }[program]
+            raise ConfigError(f"{program} not found on PATH: {hint}")
+
+
+@contextlib.contextmanager
+def materialized(plan: LaunchPlan) -> Iterator[list[str]]:
+    """plan.argv with HOSTFILE replaced by a real file, removed after the launch."""
+    if plan.hostfile_text is None:
+        yield plan.argv
+        return
+    fd, path = tempfile.mkstemp(prefix="deepy-hostfile-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(plan.hostfile_text)
+        yield [path if a == HOSTFILE else a for a in plan.argv]
+    finally:
+        os.unlink(path)
+
+
+def execute(plan: LaunchPlan) -> int:
+    with materialized(plan) as argv:
+        if plan.program == "srun":
+            return subprocess.call(argv)
+        from deepspeed.launcher.runner import main as ds_main  # noqa: PLC0415
+
+        try:
+            ds_main(argv)
+        except SystemExit as exc:  # the runner exits with the failed rank's code
+            return exc.code if isinstance(exc.code, int) else 1
+    return 0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -75,36 +211,56 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a config key (repeatable), e.g. --set train_iters=10",
     )
+    for name, kind, text in (
+        ("num_gpus", int, "processes per node"),
+        ("num_nodes", int, "nodes in the job"),
+        ("master_addr", str, "address of node 0"),
+        ("master_port", int, "rendezvous port"),
+        ("hostfile", str, "DeepSpeed hostfile"),
+        ("launcher", str, "pdsh, openmpi, mpich, mvapich, impi or slurm"),
+    ):
+        flag = name.replace("_", "-")
+        p.add_argument(f"--{flag}", f"--{name}", type=kind, help=f"{text} (= --set {name}=...)")
     p.add_argument(
-        "--num-gpus",
-        "--num_gpus",
+        "--node-rank",
+        "--node_rank",
         type=int,
         default=None,
-        help="processes per node (same as --set num_gpus=N)",
+        help="no-SSH mode: start only node K's ranks (run once per node, K = 0..num_nodes-1)",
     )
-    p.add_argument("--dry-run", action="store_true", help="print the launcher command only")
+    p.add_argument("--dry-run", action="store_true", help="print the launch command only")
     return p.parse_args(argv)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    keys = ("num_gpus", "num_nodes", "master_addr", "master_port", "hostfile", "launcher")
+    return args.set + [f"{k}={getattr(args, k)}" for k in keys if getattr(args, k) is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        overrides = args.set + ([f"num_gpus={args.num_gpus}"] if args.num_gpus else [])
-        sources, raw = gather_sources(args.configs, overrides)
+        sources, raw = gather_sources(args.configs, _overrides(args))
         cfg: Config = build_config(merge_sources(sources))
-        world = world_size_estimate(cfg.launcher)
-        validate(cfg, world or 1)
+        if args.node_rank is not None:
+            # Not put into the sources: every rank keeps an identical config on every node.
+            cfg.launcher.node_rank = args.node_rank
+        errors: list[str] = []
+        validate_launcher(cfg.launcher, errors)  # first: build_plan relies on it
+        if errors:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+        plan = build_plan(cfg.launcher, args.script, ["--config-b64", ""])
+        validate(cfg, plan.world_size or 1)
+        if not args.dry_run:
+            preflight(plan)
+            prepare_bundled_data(cfg)  # once per node, before any rank starts
     except ConfigError as exc:
         print(f"deepy.py: {exc}", file=sys.stderr)
         return 2
-    if not args.dry_run:
-        prepare_bundled_data(cfg)  # once, before any rank starts
-    cmd = runner_args(cfg.launcher, args.script, ["--config-b64", encode_sources(sources, raw)])
-    log.info("deepspeed %s", " ".join(cmd[:-1]) + " <config>")
+    plan.argv[-1] = encode_sources(sources, raw)
     if args.dry_run:
+        print(describe(plan))
         return 0
-    from deepspeed.launcher.runner import main as ds_main  # noqa: PLC0415
-
-    ds_main(cmd)
-    return 0
+    log.info("%s", describe(plan))
+    return execute(plan)

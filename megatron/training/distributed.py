@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
 import torch
+
+from megatron.config.schema import LauncherConfig
+
+log = logging.getLogger("megatron")
 
 
 def _free_port() -> int:
@@ -14,21 +19,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Without a launcher this becomes a 1-process group."""
+def init_distributed(launcher: LauncherConfig | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Without a launcher this becomes a 1-process group.
+
+    Ranks come from the launcher (RANK set by deepy.py / torchrun), or from srun / mpirun
+    variables (megatron/launch/environment.py); `launcher` gives master_port, master_addr and
+    rank_source for the latter.
+    """
     import deepspeed  # noqa: PLC0415 - heavy import, only when training
 
     from megatron.launch.environment import map_scheduler_env  # noqa: PLC0415
 
-    map_scheduler_env(os.environ)
+    source = map_scheduler_env(os.environ, launcher)
+    if source in ("slurm", "mpi") and os.environ["RANK"] == "0":
+        log.info(
+            "ranks from %s: world %s, rendezvous %s:%s",
+            source,
+            os.environ["WORLD_SIZE"],
+            os.environ["MASTER_ADDR"],
+            os.environ["MASTER_PORT"],
+        )
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        # srun --gpus-per-task / --gpu-bind can leave each task exactly one visible GPU.
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
         _limit_cpu_threads()

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     cfg = build_config(merge_sources(sources))
     from megatron.training.distributed import init_distributed  # noqa: PLC0415
 
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.launcher)
     if rank == 0:
         prepare_bundled_data(cfg)
     dist.barrier()
