@@ -56,7 +56,7 @@ def build_trainer(paths: list[str], steps: int) -> Trainer:
 def time_ours(trainer: Trainer, batches, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(batches)
+        trainer.steps.train_step(batches)
     return time.perf_counter() - start
 
 
@@ -103,7 +103,7 @@ def main() -> None:
         hf_t.append(time_hf(hf, opt, hf_batches, args.steps, accum, clip, dtype))
     tokens = args.steps * cfg.derived.global_batch * cfg.model.seq_length
     ours_tps, hf_tps = tokens / statistics.median(ours_t), tokens / statistics.median(hf_t)
-    n_params = sum(p.numel() for p in trainer.model.parameters())
+    n_params = sum(p.numel() for p in trainer.engine.module.parameters())
     print(
         f"model: {family(cfg.model)} {n_params / 1e6:.2f}M params, seq {cfg.model.seq_length}, "
         f"batch {cfg.derived.global_batch}, {cfg.training.precision}, "

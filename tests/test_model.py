@@ -14,13 +14,29 @@ from megatron.training.optimizer import build_optimizer
 from megatron.training.schedule import lr_at
 
 FAMILIES = {
-    "neox": dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32,
-                 rotary_pct=0.25, gpt_j_residual=True),
-    "llama": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
-                  seq_length=32, activation="swiglu", norm="rmsnorm",
-                  use_bias_in_attn_linear=False, use_bias_in_mlp=False, no_weight_tying=True),
-    "learned_pos": dict(num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=16,
-                        pos_emb="learned"),
+    "neox": dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        seq_length=32,
+        rotary_pct=0.25,
+        gpt_j_residual=True,
+    ),
+    "llama": dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        seq_length=32,
+        activation="swiglu",
+        norm="rmsnorm",
+        use_bias_in_attn_linear=False,
+        use_bias_in_mlp=False,
+        no_weight_tying=True,
+    ),
+    "learned_pos": dict(
+        num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=16, pos_emb="learned"
+    ),
 }
 
 
@@ -71,7 +87,7 @@ def test_neox_init_stds() -> None:
     model = GPTModel(m, SepLLMConfig(), vocab_size=4096)
     small = math.sqrt(2 / (5 * 256))
     wang = 2 / 4 / math.sqrt(256)
-    assert model.embed.weight.std().item() == pytest.approx(small, rel=0.05)
+    assert model.embedding.embed.weight.std().item() == pytest.approx(small, rel=0.05)
     assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(small, rel=0.05)
     assert model.blocks[0].mlp.down.weight.std().item() == pytest.approx(wang, rel=0.05)
     assert model.blocks[0].attn.qkv.bias.abs().sum() == 0

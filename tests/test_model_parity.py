@@ -13,14 +13,30 @@ from megatron.model.transformer import GPTModel
 VOCAB = 96
 
 NEOX = dict(
-    num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=24, rotary_pct=0.25,
-    gpt_j_residual=True, activation="gelu", norm="layernorm", no_weight_tying=True,
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    seq_length=24,
+    rotary_pct=0.25,
+    gpt_j_residual=True,
+    activation="gelu",
+    norm="layernorm",
+    no_weight_tying=True,
 )
 NEOX_SEQUENTIAL = {**NEOX, "gpt_j_residual": False, "rotary_pct": 1.0}
 LLAMA = dict(
-    num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2, seq_length=24,
-    activation="swiglu", norm="rmsnorm", use_bias_in_attn_linear=False, use_bias_in_mlp=False,
-    no_weight_tying=True, rotary_emb_base=500000.0, layernorm_epsilon=1e-6,
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    seq_length=24,
+    activation="swiglu",
+    norm="rmsnorm",
+    use_bias_in_attn_linear=False,
+    use_bias_in_mlp=False,
+    no_weight_tying=True,
+    rotary_emb_base=500000.0,
+    layernorm_epsilon=1e-6,
 )
 LLAMA_TIED = {**LLAMA, "no_weight_tying": False}
 

@@ -170,20 +170,34 @@ def _dp_size(cfg: Config, world_size: int) -> int:
 
 
 def _validate_parallel(cfg: Config, world_size: int, errors: list[str]) -> None:
-    p = cfg.parallel
-    if p.model_parallel_size < 1 or p.pipe_parallel_size < 0:
+    p, m = cfg.parallel, cfg.model
+    tp = p.model_parallel_size
+    if tp < 1 or p.pipe_parallel_size < 0:
         errors.append("model_parallel_size must be >= 1 and pipe_parallel_size >= 0")
         return
-    if p.model_parallel_size > 1 or p.pipe_parallel_size > 1:
-        errors.append(
-            "tensor / pipeline parallelism is not available yet: set model_parallel_size: 1 "
-            "and pipe_parallel_size: 0 or 1 (data parallelism and ZeRO work at any size)"
-        )
     if p.sequence_parallel:
-        errors.append("sequence_parallel needs model_parallel_size > 1 (not available yet)")
-    grid = p.model_parallel_size * max(1, p.pipe_parallel_size)
+        errors.append("sequence_parallel is not available yet: set sequence_parallel: false")
+    kv = m.num_kv_heads or m.num_attention_heads
+    for name, n in (
+        ("num_attention_heads", m.num_attention_heads),
+        ("num_kv_heads", kv),
+        ("MLP width (intermediate_size)", ffn_size(m)),
+    ):
+        if n % tp:
+            errors.append(f"{name} = {n} is not divisible by model_parallel_size {tp}")
+    pp = max(1, p.pipe_parallel_size)
+    if pp > m.num_layers:
+        errors.append(f"pipe_parallel_size {pp} exceeds num_layers {m.num_layers}")
+    grid = tp * pp
     if world_size % grid:
         errors.append(f"world size {world_size} is not divisible by TP x PP = {grid}")
+    stage = cfg.training.zero_optimization.get("stage", 0)
+    if p.pipe_parallel_size > 1 and stage > 1:
+        errors.append(
+            f"ZeRO stage {stage} cannot shard gradients across pipeline stages (DeepSpeed's "
+            "pipeline engine supports ZeRO 0 and 1): use zero_optimization.stage <= 1 with "
+            "pipe_parallel_size > 1"
+        )
 
 
 def finalize(cfg: Config, world_size: int, vocab_size: int) -> Config:

@@ -158,11 +158,11 @@ def prepare_data(cfg: Any, vocab_size: int = 8192) -> Any:
         return cfg
     if cfg.prepare_data != "shakespeare":
         raise ValueError(f"prepare_data {cfg.prepare_data!r}: only 'shakespeare' is bundled")
-    if cfg.data_path and dataset_exists(cfg.data_path):
+    if cfg.data_path and dataset_exists(cfg.data_path) and cfg.vocab_file:
         return cfg
     root = os.path.dirname(cfg.data_path) if cfg.data_path else "data/shakespeare"
     prefix, tok = ensure_shakespeare(root or ".", vocab_size)
-    cfg.data_path = prefix
+    cfg.data_path = cfg.data_path or prefix
     if not cfg.vocab_file:
         cfg.tokenizer_type, cfg.vocab_file = "HFTokenizer", tok
     return cfg

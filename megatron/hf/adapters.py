@@ -14,6 +14,7 @@ from megatron.config.schema import ModelConfig
 from megatron.config.validate import ffn_size
 
 Tensor = torch.Tensor
+EMBED, HEAD = "embedding.embed.weight", "output.head.weight"
 
 
 def family(m: ModelConfig) -> str:
@@ -52,12 +53,12 @@ def _key_map(m: ModelConfig) -> dict[str, str]:
     fam = family(m)
     keys = (
         {
-            "embed.weight": "gpt_neox.embed_in.weight",
-            "final_norm.weight": "gpt_neox.final_layer_norm.weight",
-            "final_norm.bias": "gpt_neox.final_layer_norm.bias",
+            EMBED: "gpt_neox.embed_in.weight",
+            "output.final_norm.weight": "gpt_neox.final_layer_norm.weight",
+            "output.final_norm.bias": "gpt_neox.final_layer_norm.bias",
         }
         if fam == "neox"
-        else {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight"}
+        else {EMBED: "model.embed_tokens.weight", "output.final_norm.weight": "model.norm.weight"}
     )
     layer = _neox_layer_map if fam == "neox" else _llama_layer_map
     for i in range(m.num_layers):
@@ -92,7 +93,7 @@ def to_hf(state: dict[str, Tensor], m: ModelConfig) -> dict[str, Tensor]:
             else:
                 for name, t in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                     out[f"model.layers.{i}.self_attn.{name}.{kind}"] = t
-    head = state.get("head.weight", state["embed.weight"])
+    head = state.get(HEAD, state[EMBED])
     # transformers 5 names the GPT-NeoX head lm_head too (older checkpoints: embed_out).
     out["lm_head.weight"] = head
     return {k: v.clone() for k, v in out.items()}
@@ -118,7 +119,7 @@ def from_hf(hf_state: dict[str, Tensor], m: ModelConfig) -> dict[str, Tensor]:
                 if parts[0] is not None:
                     out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts, 0)
     if m.no_weight_tying:
-        out["head.weight"] = hf_state.get("lm_head.weight", hf_state.get("embed_out.weight"))
+        out[HEAD] = hf_state.get("lm_head.weight", hf_state.get("embed_out.weight"))
     return {k: v.clone() for k, v in out.items()}
 
 

@@ -10,19 +10,27 @@ import torch
 from torch import nn
 
 from megatron.model.rotary import apply_rotary
+from megatron.parallel.layers import SINGLE, ColumnParallelLinear, RowParallelLinear, TensorParallel
 from megatron.sepllm.kernels import AttentionKernel
 
 
 class SelfAttention(nn.Module):
     def __init__(
-        self, hidden: int, heads: int, kv_heads: int, bias: bool, attention_dropout: float
+        self,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        bias: bool,
+        attention_dropout: float,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
-        self.heads, self.kv_heads = heads, kv_heads
+        # Tensor parallelism splits whole heads (query and key/value heads alike).
+        self.heads, self.kv_heads = tp.split(heads, "heads"), tp.split(kv_heads, "kv heads")
         self.head_dim = hidden // heads
-        # One fused projection laid out as [q (H*D) | k (Hkv*D) | v (Hkv*D)].
-        self.qkv = nn.Linear(hidden, (heads + 2 * kv_heads) * self.head_dim, bias=bias)
-        self.dense = nn.Linear(heads * self.head_dim, hidden, bias=bias)
+        # One fused projection laid out as [q (H*D) | k (Hkv*D) | v (Hkv*D)] (this rank's heads).
+        self.qkv = ColumnParallelLinear(hidden, (heads + 2 * kv_heads) * self.head_dim, bias, tp)
+        self.dense = RowParallelLinear(heads * self.head_dim, hidden, bias, tp)
         self.attention_dropout = attention_dropout
 
     def forward(

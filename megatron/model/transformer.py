@@ -1,8 +1,15 @@
-"""GPT model shared by the GPT-NeoX/Pythia and Llama families (they differ only in config)."""
+"""GPT model shared by the GPT-NeoX/Pythia and Llama families (they differ only in config).
+
+The model is built from three kinds of pieces - `Embedding`, `Block`, `OutputHead` - plus a
+per-batch `BatchContext` (rotary tables and the SepLLM kept-set description) computed once from
+the token ids. `GPTModel` chains them on one device; the pipeline builder
+(`megatron/parallel/pipeline.py`) places the same pieces on stages.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,36 +22,113 @@ from megatron.model.attention import SelfAttention
 from megatron.model.mlp import build_mlp
 from megatron.model.norms import build_norm
 from megatron.model.rotary import RotaryEmbedding
+from megatron.parallel.layers import (
+    SINGLE,
+    ColumnParallelLinear,
+    TensorParallel,
+    VocabParallelEmbedding,
+    copy_to_tp,
+)
 from megatron.sepllm.kernels import AttentionKernel, get_kernel
 
 
+@dataclass
+class BatchContext:
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [S, R] or [B, S, R]
+    info: object | None  # SepLLM kept-set description; None for full attention
+    seq_len: int
+
+
+class Embedding(nn.Module):
+    def __init__(self, m: ModelConfig, vocab_size: int, tp: TensorParallel = SINGLE) -> None:
+        super().__init__()
+        self.embed = VocabParallelEmbedding(vocab_size, m.hidden_size, tp)
+        max_pos = m.max_position_embeddings or m.seq_length
+        self.pos_embed = nn.Embedding(max_pos, m.hidden_size) if m.pos_emb == "learned" else None
+        self.drop = nn.Dropout(m.hidden_dropout)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)  # [B, S, hidden]
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        return self.drop(x)
+
+
 class Block(nn.Module):
-    def __init__(self, m: ModelConfig) -> None:
+    def __init__(self, m: ModelConfig, sep: SepLLMConfig, window: int, tp: TensorParallel = SINGLE):
         super().__init__()
         kv = m.num_kv_heads or m.num_attention_heads
         eps, nb = m.layernorm_epsilon, m.use_bias_in_norms
         self.ln1 = build_norm(m.norm, m.hidden_size, eps, nb)
         self.attn = SelfAttention(
-            m.hidden_size, m.num_attention_heads, kv, m.use_bias_in_attn_linear, m.attention_dropout
+            m.hidden_size,
+            m.num_attention_heads,
+            kv,
+            m.use_bias_in_attn_linear,
+            m.attention_dropout,
+            tp,
         )
         self.ln2 = build_norm(m.norm, m.hidden_size, eps, nb)
-        self.mlp = build_mlp(m.activation, m.hidden_size, ffn_size(m), m.use_bias_in_mlp)
+        self.mlp = build_mlp(m.activation, m.hidden_size, ffn_size(m), m.use_bias_in_mlp, tp)
         self.parallel_residual = m.gpt_j_residual
         self.drop = nn.Dropout(m.hidden_dropout)
+        self.window, self.sep = window, sep
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [B, S, hidden]
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        kernel: AttentionKernel,
-        window: int,
-        info: object | None,
-    ) -> torch.Tensor:
-        attn = self.drop(self.attn(self.ln1(x), rope, kernel, window, info))
+    def kernel(self, seq_len: int, device: torch.device) -> AttentionKernel:
+        if self.sep.mode == "full" or self.window >= seq_len:
+            return get_kernel("causal", device)
+        return get_kernel(self.sep.attention_kernel, device)
+
+    def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:  # [B, S, hidden]
+        kernel = self.kernel(ctx.seq_len, x.device)
+        attn = self.drop(self.attn(self.ln1(x), ctx.rope, kernel, self.window, ctx.info))
         if self.parallel_residual:  # GPT-J / NeoX: both branches read the block input
             return x + attn + self.drop(self.mlp(self.ln2(x)))
         x = x + attn
         return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class OutputHead(nn.Module):
+    """Final norm + vocabulary projection (this rank's vocabulary slice under TP)."""
+
+    def __init__(self, m: ModelConfig, vocab_size: int, tp: TensorParallel = SINGLE) -> None:
+        super().__init__()
+        self.final_norm = build_norm(
+            m.norm, m.hidden_size, m.layernorm_epsilon, m.use_bias_in_norms
+        )
+        self.head = (
+            ColumnParallelLinear(m.hidden_size, vocab_size, False, tp)
+            if m.no_weight_tying
+            else None
+        )
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor, tied_weight: torch.Tensor | None) -> torch.Tensor:
+        x = self.final_norm(x)
+        if self.head is not None:
+            return self.head(x)
+        return F.linear(copy_to_tp(x, self.tp), tied_weight)  # [B, S, V/tp]
+
+
+class BatchContextBuilder(nn.Module):
+    """Rotary tables and SepLLM info from the token ids: built once per batch (per stage)."""
+
+    def __init__(self, m: ModelConfig, sep: SepLLMConfig) -> None:
+        super().__init__()
+        head_dim = m.hidden_size // m.num_attention_heads
+        max_pos = m.max_position_embeddings or m.seq_length
+        self.rotary = (
+            RotaryEmbedding(int(head_dim * m.rotary_pct), m.rotary_emb_base, max_pos)
+            if m.pos_emb == "rotary"
+            else None
+        )
+        self.sep = sep
+
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+    ) -> BatchContext:
+        rope = self.rotary.cos_sin(positions, dtype) if self.rotary is not None else None
+        return BatchContext(rope, build_info(ids, self.sep), ids.shape[1])
 
 
 class GPTModel(nn.Module):
@@ -57,57 +141,35 @@ class GPTModel(nn.Module):
         vocab_size: int,
         windows: list[int] | None = None,
         checkpoint_activations: bool = False,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
+        windows = windows or [m.seq_length] * m.num_layers
+        if len(windows) != m.num_layers:
+            raise ValueError(f"{len(windows)} windows for {m.num_layers} layers")
         self.cfg, self.sep = m, sep
-        self.windows = windows or [m.seq_length] * m.num_layers
-        if len(self.windows) != m.num_layers:
-            raise ValueError(f"{len(self.windows)} windows for {m.num_layers} layers")
-        self.embed = nn.Embedding(vocab_size, m.hidden_size)
-        max_pos = m.max_position_embeddings or m.seq_length
-        self.pos_embed = nn.Embedding(max_pos, m.hidden_size) if m.pos_emb == "learned" else None
-        head_dim = m.hidden_size // m.num_attention_heads
-        rot = int(head_dim * m.rotary_pct)
-        self.rotary = (
-            RotaryEmbedding(rot, m.rotary_emb_base, max_pos) if m.pos_emb == "rotary" else None
-        )
-        self.blocks = nn.ModuleList(Block(m) for _ in range(m.num_layers))
-        self.final_norm = build_norm(
-            m.norm, m.hidden_size, m.layernorm_epsilon, m.use_bias_in_norms
-        )
-        self.head = None if not m.no_weight_tying else nn.Linear(m.hidden_size, vocab_size, False)
-        self.emb_drop = nn.Dropout(m.hidden_dropout)
+        self.embedding = Embedding(m, vocab_size, tp)
+        self.context = BatchContextBuilder(m, sep)
+        self.blocks = nn.ModuleList(Block(m, sep, w, tp) for w in windows)
+        self.output = OutputHead(m, vocab_size, tp)
         self.checkpoint_activations = checkpoint_activations
         init_weights(self, m)
-
-    def kernel_for(self, window: int, seq_len: int, device: torch.device) -> AttentionKernel:
-        if self.sep.mode == "full" or window >= seq_len:
-            return get_kernel("causal", device)
-        return get_kernel(self.sep.attention_kernel, device)
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, S]
         position_ids: torch.Tensor | None = None,  # [S] or [B, S]; default arange(S)
-    ) -> torch.Tensor:  # logits [B, S, V]
-        b, s = input_ids.shape
+    ) -> torch.Tensor:  # logits [B, S, V] (V/tp under tensor parallelism)
         if position_ids is None:
-            position_ids = torch.arange(s, device=input_ids.device)
-        x = self.embed(input_ids)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(position_ids)
-        x = self.emb_drop(x)
-        rope = self.rotary.cos_sin(position_ids, x.dtype) if self.rotary is not None else None
-        info = build_info(input_ids, self.sep)  # built once per batch, shared by every layer
-        for block, window in zip(self.blocks, self.windows):
-            kernel = self.kernel_for(window, s, x.device)
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embedding(input_ids, position_ids)
+        ctx = self.context(input_ids, position_ids, x.dtype)
+        for block in self.blocks:
             if self.checkpoint_activations and self.training:
-                x = checkpoint(block, x, rope, kernel, window, info, use_reentrant=False)
+                x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
-                x = block(x, rope, kernel, window, info)
-        x = self.final_norm(x)
-        weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(x, weight)
+                x = block(x, ctx)
+        return self.output(x, self.embedding.embed.weight)
 
 
 def build_info(input_ids: torch.Tensor, sep: SepLLMConfig) -> object | None:
@@ -118,7 +180,7 @@ def build_info(input_ids: torch.Tensor, sep: SepLLMConfig) -> object | None:
     return build_sep_info(input_ids, sep)
 
 
-def init_weights(model: GPTModel, m: ModelConfig) -> None:
+def init_weights(model: nn.Module, m: ModelConfig) -> None:
     """NeoX init: small_init on inputs, wang_init on residual outputs, zero biases."""
     h, n = m.hidden_size, m.num_layers
     small = math.sqrt(2.0 / (5.0 * h))

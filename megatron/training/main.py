@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> list[float]:
 def run(cfg: Config, raw: dict[str, str], rank: int, world: int, device: Any) -> list[float]:
     from megatron.data.builder import build_train_valid_test_datasets  # noqa: PLC0415
     from megatron.data.tokenizers import build_tokenizer  # noqa: PLC0415
+    from megatron.parallel.topology import build_parallelism  # noqa: PLC0415
     from megatron.training.setup import Datasets, sample_counts  # noqa: PLC0415
     from megatron.training.trainer import Trainer  # noqa: PLC0415
 
@@ -117,8 +118,13 @@ def run(cfg: Config, raw: dict[str, str], rank: int, world: int, device: Any) ->
     for turn in (0, 1):
         if (rank == 0) == (turn == 0):
             train, valid, test = build_train_valid_test_datasets(
-                cfg.data, cfg.model.seq_length, cfg.training.seed, sample_counts(cfg)
+                cfg.data,
+                cfg.model.seq_length,
+                cfg.training.seed,
+                sample_counts(cfg),
+                vocab_size=tokenizer.vocab_size,  # rejects token ids the model cannot embed
             )
         dist.barrier()
-    trainer = Trainer(cfg, Datasets(train, valid, test), rank, device, tokenizer.eod, raw)
+    par = build_parallelism(cfg.parallel, world)
+    trainer = Trainer(cfg, Datasets(train, valid, test), rank, device, tokenizer.eod, raw, par)
     return trainer.run()

@@ -11,6 +11,8 @@ from torch.utils.data import Dataset
 
 from megatron.config.schema import Config
 from megatron.model.transformer import GPTModel
+from megatron.parallel.layers import SINGLE, TensorParallel
+from megatron.parallel.sharding import shard_state
 from megatron.training.optimizer import build_optimizer
 from megatron.training.schedule import lr_at
 
@@ -37,14 +39,17 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     return ds
 
 
-def build_model(cfg: Config) -> GPTModel:
-    return GPTModel(
-        cfg.model,
-        cfg.sepllm,
-        cfg.derived.padded_vocab_size,
-        cfg.derived.windows,
-        cfg.training.checkpoint_activations,
-    )
+def build_model(cfg: Config, tp: TensorParallel = SINGLE) -> GPTModel:
+    """The model on this rank. Under tensor parallelism every rank first builds the full model
+    from the same seed and keeps its shard, so any layout starts from identical weights."""
+    args = (cfg.model, cfg.sepllm, cfg.derived.padded_vocab_size, cfg.derived.windows)
+    torch.manual_seed(cfg.training.seed)
+    full = GPTModel(*args, cfg.training.checkpoint_activations)
+    if tp.size == 1:
+        return full
+    model = GPTModel(*args, cfg.training.checkpoint_activations, tp)
+    model.load_state_dict(shard_state(full.state_dict(), cfg.model, tp.rank, tp.size))
+    return model
 
 
 @dataclass
@@ -63,7 +68,7 @@ def sample_counts(cfg: Config) -> tuple[int, int, int]:
     return train, valid, lg.eval_iters * g
 
 
-def build_engine(cfg: Config, model: GPTModel) -> tuple[Any, Any]:
+def build_engine(cfg: Config, model: GPTModel, mpu: Any = None) -> tuple[Any, Any]:
     import deepspeed  # noqa: PLC0415
 
     if cfg.training.precision == "fp16" and not torch.cuda.is_available():
@@ -78,5 +83,6 @@ def build_engine(cfg: Config, model: GPTModel) -> tuple[Any, Any]:
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg),
+        mpu=mpu,
     )
     return engine, scheduler

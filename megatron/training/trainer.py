@@ -10,23 +10,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megatron.config.loader import config_to_dict
 from megatron.config.schema import Config
+from megatron.parallel.topology import Parallelism
 from megatron.training import checkpoint
-from megatron.training.batches import make_loader, split_batch
+from megatron.training.batches import make_loader
 from megatron.training.metrics import MetricsWriter, format_line
-from megatron.training.setup import Datasets, build_engine, build_model
+from megatron.training.setup import Datasets
+from megatron.training.steps import build_steps
 
 log = logging.getLogger("megatron")
-
-
-def lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:  # logits [B, S, V], labels/mask [B, S]
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    return (losses * mask.flatten()).sum() / mask.sum().clamp(min=1.0)
 
 
 class Trainer:
@@ -38,12 +32,12 @@ class Trainer:
         device: torch.device,
         eod: int | None,
         raw_configs: dict[str, str],
+        par: Parallelism,
     ) -> None:
         self.cfg, self.data, self.rank, self.device, self.eod = cfg, data, rank, device, eod
-        self.raw_configs = raw_configs
-        torch.manual_seed(cfg.training.seed)
-        self.model = build_model(cfg)
-        self.engine, self.scheduler = build_engine(cfg, self.model)
+        self.raw_configs, self.par = raw_configs, par
+        self.steps = build_steps(cfg, par, eod)
+        self.engine, self.scheduler = self.steps.engine, self.steps.scheduler
         self.iteration = 0
         if cfg.checkpoint.load:
             self.iteration, _ = checkpoint.load(self.engine, cfg.checkpoint)
@@ -59,30 +53,12 @@ class Trainer:
             dataset,
             consumed,
             d.micro_batch,
-            d.data_parallel_size,
-            dist.get_rank(),
+            self.par.dp_size,
+            self.par.dp_rank,  # tensor / pipeline peers read the same samples
             self.cfg.data.num_workers,
         )
         for tokens in loader:
             yield tokens.to(self.device, non_blocking=True)
-
-    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        inputs, labels, mask = split_batch(tokens, self.eod, self.cfg.data.eod_mask_loss)
-        return lm_loss(self.engine(inputs), labels, mask)
-
-    def train_step(self, batches: Iterator[torch.Tensor]) -> tuple[float, float]:
-        """One optimizer step; returns (mean micro-batch loss, global grad norm before clip)."""
-        total, norm = 0.0, 0.0
-        for _ in range(self.cfg.derived.grad_accum):
-            loss = self._forward(next(batches))
-            self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary():
-                norm = _local_grad_norm(self.engine.module)
-            self.engine.step()
-            total += loss.detach().float().item()
-        # ZeRO / bf16 optimizers keep grads in their own buffers and report the norm themselves.
-        engine_norm = self.engine.get_global_grad_norm()
-        return total / self.cfg.derived.grad_accum, float(engine_norm or norm)
 
     def run(self) -> list[float]:
         cfg, d = self.cfg, self.cfg.derived
@@ -95,7 +71,7 @@ class Trainer:
             stop = min(stop, cfg.training.exit_interval)
         while self.iteration < stop:
             lr = self.scheduler.get_last_lr()[0]
-            loss, grad_norm = self.train_step(batches)
+            loss, grad_norm = self.steps.train_step(batches)
             loss = _dp_mean(loss, self.device)
             self.iteration += 1
             self.losses.append(loss)
@@ -115,7 +91,7 @@ class Trainer:
                 window_start, window_losses = now, []
             self._maybe_eval()
             self._maybe_save()
-        check_replicas(self.engine.module, self.rank)
+        check_replicas(self.engine.module, self.rank, self.par.dp_group)
         self.metrics.close()
         return self.losses
 
@@ -143,10 +119,10 @@ class Trainer:
     def evaluate(self, dataset: Any, offset: int) -> float:
         self.engine.eval()
         batches = self._batches(dataset, offset)
-        total, n = 0.0, self.cfg.logging.eval_iters * self.cfg.derived.grad_accum
+        total, n = 0.0, self.cfg.logging.eval_iters
         with torch.no_grad():
             for _ in range(n):
-                total += self._forward(next(batches)).float().item()
+                total += self.steps.eval_loss(batches)
         self.engine.train()
         return _dp_mean(total / n, self.device)
 
@@ -187,13 +163,7 @@ def _dp_mean(value: float, device: torch.device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def _local_grad_norm(module: torch.nn.Module) -> float:
-    """Norm of the (already data-parallel averaged) .grad tensors; 0.0 when none are held."""
-    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
-
-
-def check_replicas(module: torch.nn.Module, rank: int) -> None:
+def check_replicas(module: torch.nn.Module, rank: int, dp_group: object) -> None:
     """Data-parallel replicas must hold identical weights; a silent divergence is a bug."""
     import deepspeed  # noqa: PLC0415
 
@@ -203,8 +173,8 @@ def check_replicas(module: torch.nn.Module, rank: int) -> None:
     with deepspeed.zero.GatheredParameters(params), torch.no_grad():
         flat = [p.detach().double().flatten() for p in params]
         local = torch.stack([sum(f.sum() for f in flat), sum(f.square().sum() for f in flat)])
-    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size(dp_group))]
+    dist.all_gather(gathered, local, group=dp_group)
     sums = [tuple(float(x) for x in g) for g in gathered]
     if rank == 0:
         log.info("weight checksums per rank: %s", " ".join(f"{a:.12e}/{b:.12e}" for a, b in sums))

@@ -1,0 +1,1 @@
+"""Model parallelism: tensor-parallel layers, shard specs, process topology, pipeline stages."""

@@ -1,0 +1,49 @@
+"""Process grid (pipeline x data x tensor) shared with DeepSpeed as its `mpu`.
+
+Rank order follows DeepSpeed / NeoX: the tensor axis varies fastest, then data, then pipeline,
+so tensor-parallel peers are neighbours (same node) and pipeline stages are furthest apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from megatron.config.schema import ParallelConfig
+from megatron.parallel.layers import SINGLE, TensorParallel
+
+
+@dataclass
+class Parallelism:
+    grid: Any  # deepspeed PipelineParallelGrid (the `mpu`)
+    tp: TensorParallel
+    dp_rank: int
+    dp_size: int
+    dp_group: Any
+    pp_size: int  # 1 without a pipeline engine
+    pp_rank: int
+
+
+def build_parallelism(p: ParallelConfig, world_size: int) -> Parallelism:
+    from deepspeed.runtime.pipe.topology import (  # noqa: PLC0415
+        PipelineParallelGrid,
+        PipeModelDataParallelTopology,
+    )
+
+    pp, tp = max(1, p.pipe_parallel_size), p.model_parallel_size
+    dp = world_size // (pp * tp)
+    grid = PipelineParallelGrid(topology=PipeModelDataParallelTopology(pp, tp, dp))
+    tp_ctx = (
+        TensorParallel(tp, grid.get_slice_parallel_rank(), grid.get_slice_parallel_group())
+        if tp > 1
+        else SINGLE
+    )
+    return Parallelism(
+        grid=grid,
+        tp=tp_ctx,
+        dp_rank=grid.get_data_parallel_rank(),
+        dp_size=grid.get_data_parallel_world_size(),
+        dp_group=grid.get_data_parallel_group(),
+        pp_size=pp,
+        pp_rank=grid.get_pipe_parallel_rank(),
+    )

@@ -1,0 +1,143 @@
+"""One optimizer step and one evaluation batch, for the plain engine and the pipeline engine.
+
+Both hold a DeepSpeed engine and a scheduler; the trainer loop does not know which it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron.config.schema import Config
+from megatron.parallel.layers import TensorParallel, vocab_parallel_cross_entropy
+from megatron.parallel.topology import Parallelism
+from megatron.training.batches import split_batch
+from megatron.training.setup import build_engine, build_model
+
+Batches = Iterator[torch.Tensor]  # [B, S+1] token windows of this rank
+
+
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, tp: TensorParallel
+) -> torch.Tensor:  # logits [B, S, V/tp], labels/mask [B, S]
+    losses = vocab_parallel_cross_entropy(logits.flatten(0, 1), labels.flatten(), tp)
+    return (losses * mask.flatten()).sum() / mask.sum().clamp(min=1.0)
+
+
+def mark_norm_owners(module: torch.nn.Module, par: Parallelism, skip_prefix: str = "") -> None:
+    """Make DeepSpeed's grad-norm count every gradient exactly once.
+
+    DeepSpeed sums squared grads over the model-parallel group (pipeline x tensor), counting a
+    parameter when it is flagged `tensor_model_parallel` or when the rank is model-parallel
+    rank 0. Tensor-parallel shards are flagged by their layers; here replicated parameters are
+    flagged on tensor rank 0 of every stage, and copies of tied weights outside their first
+    stage (names starting with `skip_prefix`) are unflagged.
+    """
+    for name, p in module.named_parameters():
+        if skip_prefix and name.startswith(skip_prefix):
+            p.tensor_model_parallel = False
+        elif not getattr(p, "tensor_model_parallel", False) and par.tp.rank == 0:
+            p.tensor_model_parallel = True
+
+
+def grad_norm(module: torch.nn.Module, par: Parallelism) -> float:
+    """The global grad norm by the same ownership rule DeepSpeed clips with."""
+    owner0 = par.grid.get_model_parallel_rank() == 0
+    sq = torch.zeros(1, dtype=torch.float64, device=next(module.parameters()).device)
+    for p in module.parameters():
+        if p.grad is not None and (owner0 or getattr(p, "tensor_model_parallel", False)):
+            sq += p.grad.double().square().sum()
+    if par.grid.get_model_parallel_world_size() > 1:
+        dist.all_reduce(sq, group=par.grid.get_model_parallel_group())
+    return float(sq.sqrt())
+
+
+class EngineSteps:
+    """Data / tensor parallel (any ZeRO stage): micro steps through engine(inputs)."""
+
+    def __init__(self, cfg: Config, par: Parallelism, eod: int | None) -> None:
+        self.cfg, self.par, self.eod = cfg, par, eod
+        model = build_model(cfg, par.tp)
+        self.engine, self.scheduler = build_engine(cfg, model, par.grid)
+
+    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        inputs, labels, mask = split_batch(tokens, self.eod, self.cfg.data.eod_mask_loss)
+        return lm_loss(self.engine(inputs), labels, mask, self.par.tp)
+
+    def train_step(self, batches: Batches) -> tuple[float, float]:
+        """One optimizer step: (mean micro-batch loss, global grad norm before clipping)."""
+        total, norm = 0.0, 0.0
+        for _ in range(self.cfg.derived.grad_accum):
+            loss = self._loss(next(batches))
+            self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary():
+                norm = grad_norm(self.engine.module, self.par)
+            self.engine.step()
+            total += loss.detach().float().item()
+        # ZeRO / bf16 optimizers keep grads in their own buffers and report the norm themselves.
+        engine_norm = self.engine.get_global_grad_norm()
+        return total / self.cfg.derived.grad_accum, float(engine_norm or norm)
+
+    def eval_loss(self, batches: Batches) -> float:
+        """Mean loss of one global batch's worth of micro-batches."""
+        n = self.cfg.derived.grad_accum
+        return sum(self._loss(next(batches)).float().item() for _ in range(n)) / n
+
+
+class PipelineSteps:
+    """Pipeline parallel: DeepSpeed's 1F1B schedule over one global batch per call."""
+
+    def __init__(self, cfg: Config, par: Parallelism, eod: int | None) -> None:
+        from megatron.parallel.pipeline import build_pipeline, load_from_full  # noqa: PLC0415
+        from megatron.parallel.sharding import shard_state  # noqa: PLC0415
+
+        self.cfg, self.par, self.eod = cfg, par, eod
+        full = build_model(cfg)  # same seed everywhere: every layout starts identical
+        state = shard_state(full.state_dict(), cfg.model, par.tp.rank, par.tp.size)
+        del full
+        tp = par.tp
+        pipe = build_pipeline(
+            cfg, tp, par.grid.topology(), lambda out, lab: lm_loss(out, lab[0], lab[1], tp)
+        )
+        load_from_full(pipe, state, cfg)
+        last = par.pp_rank == par.pp_size - 1
+        mark_norm_owners(pipe, par, "tied_modules." if last and par.pp_size > 1 else "")
+        # The pipeline module brings its own grid (built from the same topology) as mpu.
+        self.engine, self.scheduler = build_engine(cfg, pipe, None)
+        self.last_norm = float("nan")  # the fp32 path reports no norm: capture it from clipping
+        if self.engine.gradient_clipping() > 0:
+            self.engine.clip_fp32_gradients = self._clip_and_record
+
+    def _clip_and_record(self) -> None:
+        from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415
+
+        self.last_norm = float(
+            clip_grad_norm_(
+                self.engine.module.parameters(),
+                max_norm=self.engine.gradient_clipping(),
+                mpu=self.engine.mpu,
+            )
+        )
+
+    def _micro(self, batches: Batches) -> Iterator[tuple[torch.Tensor, tuple]]:
+        for tokens in batches:
+            inputs, labels, mask = split_batch(tokens, self.eod, self.cfg.data.eod_mask_loss)
+            yield inputs, (labels, mask)
+
+    def train_step(self, batches: Batches) -> tuple[float, float]:
+        loss = self.engine.train_batch(data_iter=self._micro(batches))
+        norm = self.engine.get_global_grad_norm()
+        return float(loss), float(self.last_norm if norm is None else norm)
+
+    def eval_loss(self, batches: Batches) -> float:
+        loss = self.engine.eval_batch(data_iter=self._micro(batches), return_logits=False)
+        return float(loss)
+
+
+def build_steps(cfg: Config, par: Parallelism, eod: int | None) -> Any:
+    if par.pp_size > 1:
+        return PipelineSteps(cfg, par, eod)
+    return EngineSteps(cfg, par, eod)
