@@ -33,7 +33,8 @@ def _filter_errors(lc: LauncherConfig, errors: list[str]) -> None:
         errors.append("include and exclude are mutually exclusive")
     if not (lc.include or lc.exclude):
         return
-    if lc.num_nodes != -1 or lc.num_gpus is not None:
+    if lc.launcher != "slurm" and (lc.num_nodes != -1 or lc.num_gpus is not None):
+        # DeepSpeed's runner refuses the mix; srun's --nodes/--exclude combine fine.
         errors.append(
             "include/exclude select hosts and slots themselves: drop num_nodes / num_gpus "
             f"(got num_nodes {lc.num_nodes}, num_gpus {lc.num_gpus})"
