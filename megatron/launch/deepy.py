@@ -118,6 +118,8 @@ def _hostfile_plan(lc: LauncherConfig) -> LaunchPlan:
 def _slurm_plan(lc: LauncherConfig, script: str, script_args: list[str]) -> LaunchPlan:
     per_node = lc.num_gpus or (torch.cuda.device_count() if torch.cuda.is_available() else None)
     world = lc.num_nodes * per_node if lc.num_nodes > 0 and per_node else None
+    if world is None and os.environ.get("SLURM_NTASKS"):  # inside sbatch: the allocation's
+        world = int(os.environ["SLURM_NTASKS"])
     cmd = slurm.srun_command(lc, per_node, script, script_args)
     return LaunchPlan("srun", cmd, world, needs=["srun"])
 
@@ -229,6 +231,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="no-SSH mode: start only node K's ranks (run once per node, K = 0..num_nodes-1)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the launch command only")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="validate, then print only the serialized config for `train.py --config-b64` "
+        "(e.g. in an sbatch script that runs srun itself)",
+    )
     return p.parse_args(argv)
 
 
@@ -252,13 +260,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
         plan = build_plan(cfg.launcher, args.script, ["--config-b64", ""])
         validate(cfg, plan.world_size or 1)
-        if not args.dry_run:
+        if not (args.dry_run or args.print_config):
             preflight(plan)
             prepare_bundled_data(cfg)  # once per node, before any rank starts
     except ConfigError as exc:
         print(f"deepy.py: {exc}", file=sys.stderr)
         return 2
     plan.argv[-1] = encode_sources(sources, raw)
+    if args.print_config:
+        print(plan.argv[-1])
+        return 0
     if args.dry_run:
         print(describe(plan))
         return 0

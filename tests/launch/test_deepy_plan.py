@@ -232,3 +232,11 @@ def test_cli_dry_run(tmp_path: Path) -> None:
     cfg.write_text(yaml.safe_dump(TRAIN))
     out = run_cli(["deepy.py", "train.py", str(cfg), "--dry-run", "--num-gpus", "2"], timeout=120)
     assert "deepspeed --num_gpus 2 --master_port 29612 train.py" in out.stdout
+
+
+def test_print_config_for_sbatch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(TRAIN))
+    assert deepy.main(["train.py", str(cfg), "--print-config", "--launcher", "slurm"]) == 0
+    sources, raw = decode_sources(capsys.readouterr().out.strip())
+    assert dict(sources)["overrides"] == {"launcher": "slurm"} and str(cfg) in raw
