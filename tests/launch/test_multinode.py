@@ -144,9 +144,12 @@ def test_slurm_tasks_train_together(tmp_path: Path, shakespeare, reference) -> N
 
 
 def mpirun_prefix() -> list[str]:
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:  # .ci/run installs Open MPI: a missing mpirun is a broken setup
+    if shutil.which("mpirun") is None:  # .ci/run installs Open MPI: missing = broken setup
         pytest.fail("mpirun not found: install openmpi-bin (see .ci/run)")
+    # By name, not by absolute path: Open MPI's mpirun called as /usr/bin/mpirun prepends
+    # /usr/bin to the ranks' PATH, which can pick another `ninja` and make DeepSpeed rebuild
+    # its JIT comm op (~50 s).
+    mpirun = "mpirun"
     version = subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout
     if "Open MPI" in version or "OpenRTE" in version:
         # CI containers run as root, and may have fewer cores than ranks.
