@@ -146,11 +146,6 @@ def build_plan(lc: LauncherConfig, script: str, script_args: list[str]) -> Launc
     return plan
 
 
-def runner_args(lc: LauncherConfig, script: str, script_args: list[str]) -> list[str]:
-    """Arguments of deepspeed.launcher.runner (or the srun command) for this launcher section."""
-    return build_plan(lc, script, script_args).argv
-
-
 def describe(plan: LaunchPlan) -> str:
     """The command, shell-quoted, with the serialized config shortened."""
     argv = [a if len(a) < 200 else "<config>" for a in plan.argv]
