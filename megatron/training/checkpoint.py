@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +66,17 @@ def save(
     client_state: dict[str, Any],
     resolved_config: dict[str, Any],
     raw_configs: dict[str, str],
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
+    """Save on every rank; `extra(dir)` (called on every rank) adds files before COMPLETE."""
     root = Path(ckpt.save)
     tag = tag_for(iteration)
     rank = dist.get_rank()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     out = root / tag
     torch.save(_rng_state(), out / f"rng_rank{rank}.pt")
+    if extra is not None:
+        extra(out)
     if rank == 0:
         (out / "config.yml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
         (out / "configs").mkdir(exist_ok=True)
@@ -116,16 +121,19 @@ def find_tag(ckpt: CheckpointConfig) -> str | None:
     return tag
 
 
-def load(engine: Any, ckpt: CheckpointConfig) -> tuple[int, dict[str, Any]]:
-    """Load per config; returns (iteration to continue from, client state)."""
+def resolve_tag(ckpt: CheckpointConfig) -> str | None:
+    """The tag to load; None (fresh start) only when allowed; raises otherwise."""
     tag = find_tag(ckpt)
-    if tag is None:
-        if ckpt.allow_fresh_start:
-            return 0, {}
+    if tag is None and not ckpt.allow_fresh_start:
         raise CheckpointError(
             f"load = {ckpt.load} holds no checkpoint (no 'latest' file); refusing to start from "
             "iteration 0 silently. Fix the path or set allow_fresh_start: true."
         )
+    return tag
+
+
+def load(engine: Any, ckpt: CheckpointConfig, tag: str) -> int:
+    """Load a checkpoint of the same layout; returns the iteration to continue from."""
     finetune = ckpt.finetune
     path, client = engine.load_checkpoint(
         ckpt.load,
@@ -137,8 +145,8 @@ def load(engine: Any, ckpt: CheckpointConfig) -> tuple[int, dict[str, Any]]:
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {Path(ckpt.load) / tag}")
     if finetune:
-        return 0, {}
+        return 0
     rng = Path(ckpt.load) / tag / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return int(client["iteration"]), client
+    return int(client["iteration"])

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ import torch.distributed as dist
 from megatron.config.loader import config_to_dict
 from megatron.config.schema import Config
 from megatron.parallel.topology import Parallelism
-from megatron.training import checkpoint
+from megatron.training import checkpoint, universal
 from megatron.training.batches import make_loader
 from megatron.training.metrics import MetricsWriter, format_line
 from megatron.training.setup import Datasets
@@ -40,12 +41,31 @@ class Trainer:
         self.engine, self.scheduler = self.steps.engine, self.steps.scheduler
         self.iteration = 0
         if cfg.checkpoint.load:
-            self.iteration, _ = checkpoint.load(self.engine, cfg.checkpoint)
-            if rank == 0:
-                log.info("resumed from %s at iteration %d", cfg.checkpoint.load, self.iteration)
+            self.iteration = self._load()
         self.metrics = MetricsWriter(cfg.logging, rank, config_to_dict(cfg), cfg.checkpoint.save)
         self.n_evals = 0
         self.losses: list[float] = []  # per optimizer step, on every rank (DP-averaged)
+
+    def _load(self) -> int:
+        ck, par = self.cfg.checkpoint, self.par
+        tag = checkpoint.resolve_tag(ck)
+        if tag is None:
+            return 0
+        path = Path(ck.load) / tag
+        saved = universal.saved_layout(path)
+        current = (self.cfg.parallel.model_parallel_size, par.pp_size)
+        if saved is None or saved == current:
+            iteration = checkpoint.load(self.engine, ck, tag)
+        else:
+            # Another TP/PP layout: reshard from the layout-independent copy. Per-rank RNG
+            # streams do not map between layouts; data order is unaffected (by sample index).
+            universal.load(path, self.engine, self.cfg, par, ck.finetune)
+            iteration = 0 if ck.finetune else universal.saved_iteration(path)
+            universal.restore_counters(self.engine, self.scheduler, iteration)
+        if self.rank == 0:
+            how = "" if saved in (None, current) else f" (resharded from TP x PP = {saved})"
+            log.info("resumed from %s at iteration %d%s", path, iteration, how)
+        return iteration
 
     def _batches(self, dataset: Any, consumed: int) -> Iterator[torch.Tensor]:
         d = self.cfg.derived
@@ -151,10 +171,19 @@ class Trainer:
             return
         client = {"iteration": it, "consumed_samples": it * self.cfg.derived.global_batch}
         path = checkpoint.save(
-            self.engine, ck, it, client, config_to_dict(self.cfg), self.raw_configs
+            self.engine,
+            ck,
+            it,
+            client,
+            config_to_dict(self.cfg),
+            self.raw_configs,
+            extra=self._save_universal,
         )
         if self.rank == 0:
             log.info("saved checkpoint %s", path)
+
+    def _save_universal(self, out: Path) -> None:
+        universal.save(out, self.engine, self.cfg, self.par, self.iteration)
 
 
 def _dp_mean(value: float, device: torch.device) -> float:

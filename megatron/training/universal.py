@@ -1,0 +1,172 @@
+"""Layout-independent checkpoints: full (unsharded) weights and Adam state keyed by the
+single-device parameter names, so a run saved at one TP/PP layout resumes at another.
+
+Written beside DeepSpeed's own files as `<tag>/universal/{model.pt,optim.pt,meta.json}`; loaded
+when the saved layout differs from the current one. Scope: ZeRO stage 0 with the fp32
+optimizer (ZeRO 1-3 and the bf16 optimizer keep Adam state in flat partitions; resuming those
+at another layout is refused with a clear error).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron.config.schema import Config
+from megatron.parallel.pipeline import pipe_key
+from megatron.parallel.sharding import shard, unshard
+from megatron.parallel.topology import Parallelism
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def supported(cfg: Config) -> str | None:
+    """None when this run's optimizer state can be written layout-independently, else why."""
+    if cfg.training.zero_optimization.get("stage", 0) != 0:
+        return "ZeRO stage > 0 partitions the optimizer state"
+    if cfg.training.precision != "fp32":
+        return "the bf16/fp16 optimizers keep flat fp32 master copies"
+    return None
+
+
+def _local_names(module: torch.nn.Module, cfg: Config, pipeline: bool) -> dict[str, str]:
+    """local parameter name -> single-device name (first copy of tied weights only)."""
+    params = dict(module.named_parameters())
+    if not pipeline:
+        return {n: n for n in params}
+    n, tied = cfg.model.num_layers, not cfg.model.no_weight_tying
+    full_names = [k for k in _full_param_names(cfg)]
+    inverse = {pipe_key(k, n, tied): k for k in full_names}
+    return {local: inverse[local] for local in params if local in inverse}
+
+
+def _full_param_names(cfg: Config) -> list[str]:
+    from megatron.training.setup import build_model  # noqa: PLC0415
+
+    with torch.device("meta"):
+        return [k for k, _ in build_model(cfg).named_parameters()]
+
+
+def _local_entries(engine: Any, cfg: Config, par: Parallelism) -> dict[str, dict]:
+    """{full name: {"param": shard, "exp_avg": shard, ...}} for this rank's parameters."""
+    module, opt = engine.module, engine.optimizer
+    names = _local_names(module, cfg, par.pp_size > 1)
+    out = {}
+    for local, p in module.named_parameters():
+        if local not in names:
+            continue
+        state = opt.state.get(p, {})
+        entry = {"param": p.detach().cpu().clone()}
+        entry.update({k: state[k].detach().cpu().clone() for k in STATE_KEYS if k in state})
+        if "step" in state:
+            entry["step"] = float(state["step"])
+        out[names[local]] = entry
+    return out
+
+
+def gather_full(engine: Any, cfg: Config, par: Parallelism) -> dict[str, dict] | None:
+    """Full tensors on global rank 0 (None elsewhere). Every rank must call this."""
+    local = _local_entries(engine, cfg, par) if par.dp_rank == 0 else {}
+    gathered: list[Any] = [None] * dist.get_world_size()
+    # Objects, not tensors: stages hold different parameter sets. Fine at the scales this
+    # path targets; a sharded writer would avoid funnelling everything through rank 0.
+    dist.all_gather_object(gathered, (par.tp.rank, local))
+    if dist.get_rank() != 0:
+        return None
+    by_name: dict[str, dict[int, dict]] = {}
+    for tp_rank, entries in gathered:
+        for name, entry in entries.items():
+            by_name.setdefault(name, {})[tp_rank] = entry
+    full = {}
+    for name, shards in by_name.items():
+        ordered = [shards[r] for r in sorted(shards)]
+        full[name] = {
+            k: unshard(name, [s[k] for s in ordered], cfg.model) for k in ordered[0] if k != "step"
+        }
+        if "step" in ordered[0]:
+            full[name]["step"] = ordered[0]["step"]
+    return full
+
+
+def save(path: Path, engine: Any, cfg: Config, par: Parallelism, iteration: int) -> None:
+    """Every rank calls this; rank 0 writes the layout (always) and the full state (when it
+    can be written layout-independently)."""
+    why = supported(cfg)
+    full = gather_full(engine, cfg, par) if why is None else None
+    if dist.get_rank() != 0:
+        return
+    out = path / "universal"
+    out.mkdir(parents=True, exist_ok=True)
+    if full is not None:
+        torch.save(full, out / "state.pt")
+    meta = {
+        "iteration": iteration,
+        "model_parallel_size": cfg.parallel.model_parallel_size,
+        "pipe_parallel_size": max(1, cfg.parallel.pipe_parallel_size),
+        "full_state": full is not None,
+        "why_not": why,
+    }
+    (out / "meta.json").write_text(json.dumps(meta))
+
+
+def saved_iteration(path: Path) -> int:
+    return int(json.loads((path / "universal" / "meta.json").read_text())["iteration"])
+
+
+def restore_counters(engine: Any, scheduler: Any, iteration: int) -> None:
+    """Put the step counters where the saved run left them (the LR follows the step)."""
+    engine.global_steps = iteration
+    engine.global_samples = iteration * engine.train_batch_size()
+    scheduler.last_epoch = iteration - 1
+    scheduler.step()
+
+
+def saved_layout(path: Path) -> tuple[int, int] | None:
+    meta = path / "universal" / "meta.json"
+    if not meta.is_file():
+        return None
+    m = json.loads(meta.read_text())
+    return m["model_parallel_size"], m["pipe_parallel_size"]
+
+
+def load(path: Path, engine: Any, cfg: Config, par: Parallelism, finetune: bool) -> None:
+    """Load full state into this rank's (possibly sharded / staged) parameters."""
+    meta = json.loads((path / "universal" / "meta.json").read_text())
+    if not meta["full_state"]:
+        raise RuntimeError(
+            f"{path} was saved at TP x PP = {meta['model_parallel_size']} x "
+            f"{meta['pipe_parallel_size']} without a layout-independent copy ({meta['why_not']}); "
+            "resume it at that layout (layout changes need ZeRO stage 0 and fp32 when saving)"
+        )
+    if supported(cfg) is not None and not finetune:
+        raise RuntimeError(
+            f"resharding {path} restores Adam state for ZeRO stage 0 with fp32 only "
+            f"({supported(cfg)} in this run); use finetune: true to load the weights only"
+        )
+    full = torch.load(path / "universal" / "state.pt", weights_only=False)
+    module, opt = engine.module, engine.optimizer
+    names = _local_names(module, cfg, par.pp_size > 1)
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for local, p in params.items():
+            name = names[local] if local in names else _tied_copy_source(local)
+            entry = full[name]
+            p.copy_(shard(name, entry["param"], cfg.model, par.tp.rank, par.tp.size))
+            if finetune or "exp_avg" not in entry:
+                continue
+            opt.state[p] = {
+                k: shard(name, entry[k], cfg.model, par.tp.rank, par.tp.size).to(p.device).clone()
+                for k in STATE_KEYS
+            }
+            opt.state[p]["step"] = torch.tensor(entry["step"])
+
+
+def _tied_copy_source(local: str) -> str:
+    # The last pipeline stage's copy of the tied embedding reads the embedding's full tensor.
+    if local.startswith("tied_modules.embed."):
+        return "embedding." + local[len("tied_modules.embed.") :]
+    raise KeyError(f"no layout-independent source for parameter {local}")
