@@ -23,9 +23,10 @@ from megatron.config.loader import load_config
 from megatron.config.validate import finalize
 from megatron.data.tokenizers import build_tokenizer
 from megatron.hf.adapters import family, hf_config
+from megatron.parallel.topology import build_parallelism
 from megatron.training.distributed import init_distributed
 from megatron.training.main import prepare_bundled_data
-from megatron.training.optimizer import build_optimizer
+from megatron.training.optimizer import param_groups
 from megatron.training.setup import Datasets, sample_counts
 from megatron.training.trainer import Trainer
 
@@ -44,13 +45,14 @@ def build_trainer(paths: list[str], steps: int) -> Trainer:
         },
     )
     prepare_bundled_data(cfg)
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.launcher)
     tok = build_tokenizer(cfg.data)
     finalize(cfg, world, tok.vocab_size)
     train, _, _ = build_train_valid_test_datasets(
         cfg.data, cfg.model.seq_length, cfg.training.seed, sample_counts(cfg)
     )
-    return Trainer(cfg, Datasets(train, None, None), rank, device, tok.eod, {})
+    par = build_parallelism(cfg.parallel, world)
+    return Trainer(cfg, Datasets(train, None, None), rank, device, tok.eod, {}, par)
 
 
 def time_ours(trainer: Trainer, batches, steps: int) -> float:
@@ -90,7 +92,14 @@ def main() -> None:
     hf = cls(hf_config(cfg.model, cfg.derived.padded_vocab_size))
     hf.config._attn_implementation = "sdpa"
     hf.train()
-    opt = build_optimizer(hf, cfg.optimizer)
+    # What a plain loop writes: torch's AdamW with its defaults, same groups and hyperparameters.
+    o = cfg.optimizer
+    opt = torch.optim.AdamW(
+        param_groups(hf, o.weight_decay),
+        lr=o.lr,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_eps,
+    )
     dtype = torch.bfloat16 if cfg.training.precision == "bfloat16" else torch.float32
     ours_batches = trainer._batches(trainer.data.train, 0)
     hf_batches = trainer._batches(trainer.data.train, 0)

@@ -85,4 +85,8 @@ def build_engine(cfg: Config, model: GPTModel, mpu: Any = None) -> tuple[Any, An
         config=deepspeed_config(cfg),
         mpu=mpu,
     )
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # A single data-parallel replica has nothing to average: skip DeepSpeed's flatten +
+        # all-reduce of every gradient after backward.
+        engine.enable_backward_allreduce = False
     return engine, scheduler

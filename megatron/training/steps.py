@@ -55,6 +55,30 @@ def grad_norm(module: torch.nn.Module, par: Parallelism) -> float:
     return float(sq.sqrt())
 
 
+class NormRecorder:
+    """DeepSpeed's fp32 path clips gradients but does not report the norm: wrap its clipping
+    to record the norm it computed (no second pass over the gradients)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.value = engine, float("nan")
+        if engine.gradient_clipping() > 0:
+            engine.clip_fp32_gradients = self._clip_and_record
+
+    def _clip_and_record(self) -> None:
+        from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415
+
+        params = self.engine.module.parameters()
+        max_norm = self.engine.gradient_clipping()
+        self.value = float(clip_grad_norm_(params, max_norm=max_norm, mpu=self.engine.mpu))
+
+    def norm(self) -> float | None:
+        """The engine's own norm (ZeRO / bf16 optimizers), else the recorded one."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            return float(norm)
+        return None if self.value != self.value else self.value  # nan: clipping is off
+
+
 class EngineSteps:
     """Data / tensor parallel (any ZeRO stage): micro steps through engine(inputs)."""
 
@@ -62,6 +86,8 @@ class EngineSteps:
         self.cfg, self.par, self.eod = cfg, par, eod
         model = build_model(cfg, par.tp)
         self.engine, self.scheduler = build_engine(cfg, model, par.grid)
+        self.norms = NormRecorder(self.engine)
+        self.clipping = self.engine.gradient_clipping() > 0
 
     def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
         inputs, labels, mask = split_batch(tokens, self.eod, self.cfg.data.eod_mask_loss)
@@ -69,17 +95,16 @@ class EngineSteps:
 
     def train_step(self, batches: Batches) -> tuple[float, float]:
         """One optimizer step: (mean micro-batch loss, global grad norm before clipping)."""
-        total, norm = 0.0, 0.0
+        total, norm = 0.0, None
         for _ in range(self.cfg.derived.grad_accum):
             loss = self._loss(next(batches))
             self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary():
-                norm = grad_norm(self.engine.module, self.par)
+            if self.engine.is_gradient_accumulation_boundary() and not self.clipping:
+                norm = grad_norm(self.engine.module, self.par)  # nothing else computes it
             self.engine.step()
             total += loss.detach().float().item()
-        # ZeRO / bf16 optimizers keep grads in their own buffers and report the norm themselves.
-        engine_norm = self.engine.get_global_grad_norm()
-        return total / self.cfg.derived.grad_accum, float(engine_norm or norm)
+        recorded = self.norms.norm()
+        return total / self.cfg.derived.grad_accum, recorded if recorded is not None else norm
 
     def eval_loss(self, batches: Batches) -> float:
         """Mean loss of one global batch's worth of micro-batches."""
@@ -107,20 +132,7 @@ class PipelineSteps:
         mark_norm_owners(pipe, par, "tied_modules." if last and par.pp_size > 1 else "")
         # The pipeline module brings its own grid (built from the same topology) as mpu.
         self.engine, self.scheduler = build_engine(cfg, pipe, None)
-        self.last_norm = float("nan")  # the fp32 path reports no norm: capture it from clipping
-        if self.engine.gradient_clipping() > 0:
-            self.engine.clip_fp32_gradients = self._clip_and_record
-
-    def _clip_and_record(self) -> None:
-        from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415
-
-        self.last_norm = float(
-            clip_grad_norm_(
-                self.engine.module.parameters(),
-                max_norm=self.engine.gradient_clipping(),
-                mpu=self.engine.mpu,
-            )
-        )
+        self.norms = NormRecorder(self.engine)
 
     def _micro(self, batches: Batches) -> Iterator[tuple[torch.Tensor, tuple]]:
         for tokens in batches:
@@ -129,8 +141,8 @@ class PipelineSteps:
 
     def train_step(self, batches: Batches) -> tuple[float, float]:
         loss = self.engine.train_batch(data_iter=self._micro(batches))
-        norm = self.engine.get_global_grad_norm()
-        return float(loss), float(self.last_norm if norm is None else norm)
+        norm = self.norms.norm()
+        return float(loss), float("nan") if norm is None else norm
 
     def eval_loss(self, batches: Batches) -> float:
         loss = self.engine.eval_batch(data_iter=self._micro(batches), return_logits=False)

@@ -144,8 +144,12 @@ def test_slurm_tasks_train_together(tmp_path: Path, shakespeare, reference) -> N
 
 
 def mpirun_prefix() -> list[str]:
-    if shutil.which("mpirun") is None:  # .ci/run installs Open MPI: missing = broken setup
-        pytest.fail("mpirun not found: install openmpi-bin (see .ci/run)")
+    if shutil.which("mpirun") is None:
+        # .ci/run installs Open MPI, so in CI a missing mpirun is a broken setup; on a
+        # developer machine without MPI the test is skipped with the reason.
+        if os.environ.get("CI"):
+            pytest.fail("mpirun not found: install openmpi-bin (see .ci/run)")
+        pytest.skip("mpirun not found: apt-get install openmpi-bin to run the MPI test")
     # By name, not by absolute path: Open MPI's mpirun called as /usr/bin/mpirun prepends
     # /usr/bin to the ranks' PATH, which can pick another `ninja` and make DeepSpeed rebuild
     # its JIT comm op (~50 s).
