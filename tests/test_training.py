@@ -75,11 +75,9 @@ def test_resume_reproduces_uninterrupted_run(tmp_path: Path, shakespeare) -> Non
         assert got[it] == ref[it], f"iteration {it}: {got[it]} != {ref[it]}"
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_two_process_data_parallel_matches_single_process(
-    tmp_path: Path, shakespeare, stage: int
-) -> None:
-    zero = {"zero_optimization": {"stage": stage}, "hidden_dropout": 0.0}
+def test_two_process_data_parallel_matches_single_process(tmp_path: Path, shakespeare) -> None:
+    """deepy.py with 2 ranks = one process with accumulation (ZeRO stages: tests/parallel)."""
+    zero = {"zero_optimization": {"stage": 0}, "hidden_dropout": 0.0}
     single = write_config(tmp_path, shakespeare, "single.yml", train_iters=4, **zero)
     run_cli(["train.py", str(single)])
     # Same global batch (4): 2 ranks x micro 2 x accumulation 1 instead of 1 x 2 x 2.

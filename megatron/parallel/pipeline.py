@@ -119,4 +119,5 @@ def build_pipeline(cfg: Config, tp: TensorParallel, topology: Any, loss_fn: Any)
         loss_fn=loss_fn,
         partition_method="type:BlockPipe",  # balance transformer blocks across stages
         activation_checkpoint_interval=1 if cfg.training.checkpoint_activations else 0,
+        checkpointable_layers=["BlockPipe"],  # not the embedding: its input is integer ids
     )

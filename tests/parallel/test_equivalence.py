@@ -1,11 +1,11 @@
-"""TP=2 and PP=2 runs reproduce the single-process losses (fp32), full attention and SepLLM.
-
-Real processes through the DeepSpeed launcher (gloo on CPU). Data parallelism with ZeRO 0-3 is
-covered in tests/test_training.py.
+"""TP=2, PP=2 and DP=2 with ZeRO 1/2/3 reproduce the single-process losses over 10 steps
+(fp32, relative 1e-4), with full attention and with SepLLM; activation checkpointing is on in
+two of the layouts. Real processes through deepy.py and the DeepSpeed launcher (gloo on CPU).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -23,11 +23,20 @@ LLAMA = {
     "use_bias_in_attn_linear": False,
     "use_bias_in_mlp": False,
 }
-LAYOUTS = {
-    "tp2": {"model_parallel_size": 2},
-    "tp2_llama_gqa": {"model_parallel_size": 2, **LLAMA},
-    "pp2_tied": {"pipe_parallel_size": 2},
-    "pp2_llama_untied": {"pipe_parallel_size": 2, **LLAMA},
+DP2 = {"num_gpus": 2, "gradient_accumulation_steps": 1}  # same global batch as 1 x 2 x 2
+# layout name -> (model settings, which change the reference; run settings, which must not)
+LAYOUTS: dict[str, tuple[dict, dict]] = {
+    "tp2": ({}, {"model_parallel_size": 2, "num_gpus": 2}),
+    "tp2_llama_gqa": (LLAMA, {"model_parallel_size": 2, "num_gpus": 2}),
+    "pp2_tied_ckpt": ({}, {"pipe_parallel_size": 2, "num_gpus": 2, "checkpoint_activations": True}),
+    "pp2_llama_untied": (LLAMA, {"pipe_parallel_size": 2, "num_gpus": 2}),
+    **{
+        f"dp2_zero{stage}": ({}, {**DP2, "zero_optimization": {"stage": stage}}) for stage in (1, 2)
+    },
+    "dp2_zero3_ckpt": (
+        {},
+        {**DP2, "zero_optimization": {"stage": 3}, "checkpoint_activations": True},
+    ),
 }
 
 
@@ -62,14 +71,20 @@ def reference_losses(tmp_path: Path, shakespeare, common: dict) -> dict[int, flo
 def test_parallel_layout_matches_single_process(
     tmp_path: Path, shakespeare, layout: str, mode: str
 ) -> None:
-    extra = {k: v for k, v in LAYOUTS[layout].items() if "parallel" not in k}
-    common = dict(train_iters=10, hidden_dropout=0.0, **extra)
+    model, run = LAYOUTS[layout]
+    common = dict(train_iters=10, hidden_dropout=0.0, **model)
     if mode == "sepllm":
         common.update(_sepllm(shakespeare))
     ref = reference_losses(tmp_path, shakespeare, common)
-    parallel = {k: v for k, v in LAYOUTS[layout].items() if "parallel" in k}
-    multi = write_config(tmp_path, shakespeare, "multi.yml", num_gpus=2, **common, **parallel)
-    run_cli(["deepy.py", "train.py", str(multi)])
+    multi = write_config(tmp_path, shakespeare, "multi.yml", **common, **run)
+    out = run_cli(["deepy.py", "train.py", str(multi)])
+    if (
+        run.get("num_gpus") == 2
+        and "model_parallel_size" not in run
+        and "pipe_parallel_size" not in run
+    ):
+        sums = re.search(r"weight checksums per rank: (.*)", out.stdout + out.stderr)
+        assert sums and len(set(sums.group(1).split())) == 1, "data-parallel replicas differ"
     got = step_losses(tmp_path / "multi.yml.jsonl")
     assert sorted(got) == list(range(1, 11))
     for it in ref:
