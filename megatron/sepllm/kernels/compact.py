@@ -50,79 +50,75 @@ DENSE_MAX_SEQ = 4096
 class _Plan:
     """Everything the kernel derives from (info, window): built once per batch, shared."""
 
-    bs: int  # query block of the local part
+    bs: int  # query block of the window part
     nb: int  # previous blocks each block attends to
     C: int  # number of query blocks (S padded up to C * bs)
-    a: int  # initial keys
-    init_idx: torch.Tensor | None  # [B, a] long, clamped to S - 1 (masked where out of range)
-    mask1: torch.Tensor  # [B*C, 1, bs, a + (nb+1)*bs] float 0 / -inf
-    groups: list[tuple[int, int, int, torch.Tensor]]  # (g0, g1, m, mask [B, 1, g1-g0, m])
-    M: int  # width of the compact separator keys actually used (max over groups)
-    empty: torch.Tensor | None  # [B, 1, S] bool: queries that see no separator
+    mask1: torch.Tensor  # [C, 1, bs, (nb+1)*bs] float 0 / -inf (same for every batch row)
+    far_pos: torch.Tensor | None  # [B, M] long: initial keys then separators, clamped to S - 1
+    groups: list[tuple[int, int, int, torch.Tensor, torch.Tensor]]  # (g0, g1, m, mask, empty)
+    M: int  # width of the compact far keys actually used (max over groups)
 
 
 def block_size(window: int) -> int:
-    """Query block of the local part: the window itself, but at least 32 so tiles stay efficient."""
+    """Query block of the window part: the window itself, but at least 32 so tiles stay efficient."""
     return max(window, 32)
 
 
-def _local_mask(info: SepInfo, window: int, bs: int, nb: int, C: int, dtype: torch.dtype):
-    S, a, dev = info.seq_len, info.init_tokens, info.device
-    B = info.batch_size
+def _local_mask(S: int, window: int, bs: int, nb: int, C: int, dtype, dev):  # noqa: ANN001
     i = (torch.arange(C, device=dev)[:, None] * bs + torch.arange(bs, device=dev)[None, :])[
         ..., None
     ]  # [C, bs, 1] query positions
     t = torch.arange((nb + 1) * bs, device=dev)
     p = torch.arange(C, device=dev)[:, None, None] * bs - nb * bs + t[None, None, :]  # [C, 1, T]
-    keep_w = (p >= 0) & (p <= i) & (i - p < window) & (p < S)  # [C, bs, T]
-    keep_w = keep_w[None].expand(B, C, bs, t.numel())
-    parts = []
-    init_idx = None
-    if a > 0:
-        pi = info.init_start[:, None] + torch.arange(a, device=dev)[None, :]  # [B, a]
-        pi4 = pi[:, None, None, :]  # [B, 1, 1, a]
-        # Initial keys inside the window belong to the window part: the parts stay disjoint.
-        keep_i = (pi4 < S) & (pi4 <= i[None]) & (i[None] - pi4 >= window)  # [B, C, bs, a]
-        parts.append(keep_i)
-        init_idx = pi.clamp(max=S - 1)
-    parts.append(keep_w)
-    keep = torch.cat(parts, dim=-1)  # [B, C, bs, a + T]
+    keep = (p >= 0) & (p <= i) & (i - p < window) & (p < S)  # [C, bs, T]
     zero = torch.zeros((), dtype=dtype, device=dev)
     mask = torch.where(keep, zero, torch.full((), -math.inf, dtype=dtype, device=dev))
-    return mask.reshape(B * C, 1, bs, keep.shape[-1]), init_idx
+    return mask[:, None].contiguous()
 
 
-def _sep_groups(info: SepInfo, window: int, dtype: torch.dtype):
-    """Causal tiling of the separator part: per query group, the separators it can see.
+def _far_keys(info: SepInfo) -> torch.Tensor:
+    """[B, a + M] positions of the initial keys then the separators; S marks "no key".
 
-    Returns (groups, M, empty): groups of (g0, g1, m, mask [B, 1, g1-g0, m] float 0 / -inf),
-    M the widest m, empty [B, 1, S] bool for queries that see no separator (their part-2
-    logsumexp must be -inf; the flash op returns 0 for an all-masked row).
+    Initial keys come before every separator (separators are outside and after the initial
+    range), so the row stays sorted.
+    """
+    S, a, dev = info.seq_len, info.init_tokens, info.device
+    parts = []
+    if a > 0:
+        pi = info.init_start[:, None] + torch.arange(a, device=dev)[None, :]  # [B, a]
+        parts.append(pi.clamp(max=S))
+    parts.append(info.sep_pos)
+    return torch.cat(parts, dim=1)
+
+
+def _far_groups(info: SepInfo, window: int, dtype: torch.dtype):
+    """Causal tiling of the far part (initial keys and separators at least w back).
+
+    Returns (far_pos, groups, M): groups of (g0, g1, m, mask [B, 1, g1-g0, m] float 0 / -inf,
+    empty [B, 1, g1-g0] bool for queries that see no far key: their part logsumexp must be
+    -inf; the flash op returns 0 for an all-masked row).
     """
     S, dev = info.seq_len, info.device
-    groups: list[tuple[int, int, int, torch.Tensor]] = []
-    if info.sep_pos.shape[1] == 0:
-        return groups, 0, None
-    sep_pos = info.sep_pos  # [B, M], padded with S
-    first_visible = torch.where(
-        info.sep_count > 0, sep_pos[:, 0] + window, torch.full_like(info.sep_count, S)
-    )  # [B]
-    empty = (torch.arange(S, device=dev)[None, :] < first_visible[:, None])[:, None]
+    groups: list = []
+    pos = _far_keys(info)  # [B, Mt], sorted, padded with S
+    if pos.shape[1] == 0:
+        return None, groups, 0
     G = max(SEP_QUERY_GROUP, -(-S // SEP_MAX_GROUPS))
     limits = (torch.arange(G - 1, S + G - 1, G).clamp(max=S - 1) - window).to(dev)
-    # Visible separators of each group's last query, max over the batch: [n_groups]
-    limits = limits[None, :].expand(sep_pos.shape[0], -1).contiguous()
-    widths = torch.searchsorted(sep_pos, limits, right=True).max(dim=0).values.tolist()
+    limits = limits[None, :].expand(pos.shape[0], -1).contiguous()
+    widths = torch.searchsorted(pos, limits, right=True).max(dim=0).values.tolist()
     zero = torch.zeros((), dtype=dtype, device=dev)
     neg = torch.full((), -math.inf, dtype=dtype, device=dev)
     for g, m in enumerate(widths):
         if m == 0:
-            continue  # no query of this group sees a separator
+            continue  # no query of this group sees a far key
         g0, g1 = g * G, min(S, (g + 1) * G)
         i = torch.arange(g0, g1, device=dev)  # [G]
-        keep = sep_pos[:, None, :m] <= (i - window)[None, :, None]  # [B, G, m]
-        groups.append((g0, g1, m, torch.where(keep, zero, neg)[:, None]))
-    return groups, max(widths), empty
+        keep = pos[:, None, :m] <= (i - window)[None, :, None]  # [B, G, m]
+        empty = ~keep.any(dim=-1)[:, None]  # [B, 1, G]
+        groups.append((g0, g1, m, torch.where(keep, zero, neg)[:, None], empty))
+    M = max(widths)
+    return pos[:, :M].clamp(max=S - 1).contiguous(), groups, M
 
 
 def _build_plan(info: SepInfo, window: int, dtype: torch.dtype) -> _Plan:
@@ -130,117 +126,147 @@ def _build_plan(info: SepInfo, window: int, dtype: torch.dtype) -> _Plan:
     bs = block_size(window)
     nb = -(-(window - 1) // bs)  # ceil((w-1)/bs): previous blocks a window can reach
     C = -(-S // bs)
-    mask1, init_idx = _local_mask(info, window, bs, nb, C, dtype)
-    groups, M, empty = _sep_groups(info, window, dtype)
-    return _Plan(bs, nb, C, info.init_tokens, init_idx, mask1, groups, M, empty)
+    mask1 = _local_mask(S, window, bs, nb, C, dtype, info.device)
+    far_pos, groups, M = _far_groups(info, window, dtype)
+    return _Plan(bs, nb, C, mask1, far_pos, groups, M)
 
 
-def _to_blocks(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """[B, H, S, D] -> [B*C, H, bs, D] (zero-padded to C * bs)."""
-    B, H, S, D = x.shape
-    x = F.pad(x, (0, 0, 0, plan.C * plan.bs - S))
-    x = x.view(B, H, plan.C, plan.bs, D).transpose(1, 2)
-    return x.reshape(B * plan.C, H, plan.bs, D)
+def _qblocks(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """[H, S, D] -> [C, H, bs, D] strided view (zero-padded copy only when S % bs != 0)."""
+    H, S, D = x.shape
+    Sp = plan.C * plan.bs
+    if Sp != S or not x.is_contiguous():
+        x = F.pad(x, (0, 0, 0, Sp - S)).contiguous()
+    return x.as_strided((plan.C, H, plan.bs, D), (plan.bs * D, Sp * D, D, 1))
 
 
-def _from_blocks(x: torch.Tensor, plan: _Plan, B: int, S: int) -> torch.Tensor:
-    """[B*C, H, bs, D] -> [B, H, S, D]."""
-    _, H, bs, D = x.shape
-    return x.view(B, plan.C, H, bs, D).transpose(1, 2).reshape(B, H, plan.C * bs, D)[:, :, :S]
+def _lse_blocks(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """[H, S] -> [C, H, bs]."""
+    H, S = x.shape
+    Sp = plan.C * plan.bs
+    x = F.pad(x, (0, Sp - S)).contiguous()
+    return x.view(H, plan.C, plan.bs).transpose(0, 1).contiguous()
 
 
-def _lse_to_blocks(lse: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """[B, H, S] -> [B*C, H, bs]."""
-    B, H, S = lse.shape
-    lse = F.pad(lse, (0, plan.C * plan.bs - S))
-    return lse.view(B, H, plan.C, plan.bs).transpose(1, 2).reshape(B * plan.C, H, plan.bs)
-
-
-def _lse_from_blocks(lse: torch.Tensor, plan: _Plan, B: int, S: int) -> torch.Tensor:
-    """[B*C, H, bs] -> [B, H, S] (float32)."""
-    _, H, bs = lse.shape
-    lse = lse.view(B, plan.C, H, bs).transpose(1, 2).reshape(B, H, plan.C * bs)
-    return lse[:, :, :S].float()
-
-
-def _local_keys(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """[B, H, S, D] -> [B*C, H, a + (nb+1)*bs, D]: initial keys, then the window blocks."""
-    B, H, S, D = x.shape
+def _pad_keys(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """[H, S, D] -> [H, (nb + C) * bs, D]: nb zero blocks before, zeros after S."""
+    H, S, D = x.shape
     bs, nb, C = plan.bs, plan.nb, plan.C
-    xp = F.pad(x, (0, 0, nb * bs, C * bs - S))  # [B, H, (nb + C) * bs, D]
-    blocks = xp.view(B, H, nb + C, bs, D).transpose(1, 2)  # [B, nb + C, H, bs, D]
-    parts = []
-    if plan.init_idx is not None:
-        idx = plan.init_idx[:, None, :, None].expand(B, H, plan.a, D)
-        init = x.gather(2, idx)  # [B, H, a, D]
-        parts.append(init[:, None].expand(B, C, H, plan.a, D))
-    parts += [blocks[:, t : t + C] for t in range(nb + 1)]
-    keys = torch.cat(parts, dim=3)  # [B, C, H, L1, D]
-    return keys.view(B * C, H, keys.shape[3], D)
+    xp = x.new_empty(H, (nb + C) * bs, D)
+    xp[:, : nb * bs].zero_()
+    xp[:, nb * bs : nb * bs + S].copy_(x)
+    xp[:, nb * bs + S :].zero_()
+    return xp
+
+
+def _kblocks(xp: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """[H, (nb + C) * bs, D] padded -> [C, H, (nb+1)*bs, D]: overlapping strided view."""
+    H, L, D = xp.shape
+    bs = plan.bs
+    return xp.as_strided((plan.C, H, (plan.nb + 1) * bs, D), (bs * D, L * D, D, 1))
+
+
+def _from_qblocks(x: torch.Tensor, S: int) -> torch.Tensor:
+    """[C, H, bs, D] -> [H, S, D] view (strided)."""
+    C, H, bs, D = x.shape
+    return x.transpose(0, 1).reshape(H, C * bs, D)[:, :S]
 
 
 class _CompactAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k_loc, v_loc, k_sep, v_sep, plan: _Plan):  # noqa: ANN001
+    def forward(ctx, q, k, v, plan: _Plan):  # noqa: ANN001
         B, H, S, D = q.shape
-        q1 = _to_blocks(q, plan)
-        o1, l1 = _flash(q1, k_loc, v_loc, attn_mask=plan.mask1)
-        out = _from_blocks(o1, plan, B, S).float()  # [B, H, S, D]
-        lse = _lse_from_blocks(l1, plan, B, S)  # [B, H, S]
+        out = torch.empty(B, H, S, D, dtype=torch.float32)
+        lse = torch.empty(B, H, S, dtype=torch.float32)
+        kps, vps = [], []
+        for b in range(B):
+            kp, vp = _pad_keys(k[b], plan), _pad_keys(v[b], plan)
+            kps.append(kp)
+            vps.append(vp)
+            o1, l1 = _flash(
+                _qblocks(q[b], plan), _kblocks(kp, plan), _kblocks(vp, plan), attn_mask=plan.mask1
+            )
+            out[b] = _from_qblocks(o1, S)
+            lse[b] = l1.transpose(0, 1).reshape(H, -1)[:, :S]
+        k_far = v_far = None
         if plan.groups:
-            # Collect the separator part of every group, then merge once (fewer, larger ops).
-            o2 = torch.zeros_like(out)
-            l2 = torch.full_like(lse, -math.inf)
-            for g0, g1, m, mask in plan.groups:
-                og, lg = _flash(q[:, :, g0:g1], k_sep[:, :, :m], v_sep[:, :, :m], attn_mask=mask)
-                o2[:, :, g0:g1] = og
-                l2[:, :, g0:g1] = lg
-            l2.masked_fill_(plan.empty, -math.inf)  # all-masked rows: flash gives 0, not -inf
-            merged = torch.logaddexp(lse, l2)
-            out = out * torch.exp(lse - merged)[..., None] + o2 * torch.exp(l2 - merged)[..., None]
-            lse = merged
+            idx = plan.far_pos[:, None, :, None].expand(B, H, plan.M, D)
+            k_far, v_far = k.gather(2, idx), v.gather(2, idx)  # [B, H, M, D]
+            for g0, g1, m, mask, empty in plan.groups:
+                og, lg = _flash(q[:, :, g0:g1], k_far[:, :, :m], v_far[:, :, :m], attn_mask=mask)
+                lg = lg.float().masked_fill_(empty, -math.inf)
+                l1 = lse[:, :, g0:g1]
+                merged = torch.logaddexp(l1, lg)
+                o = out[:, :, g0:g1]
+                o.mul_(torch.exp(l1 - merged)[..., None])
+                o.add_(og * torch.exp(lg - merged)[..., None])
+                l1.copy_(merged)
         out = out.to(q.dtype)
         ctx.plan = plan
-        ctx.save_for_backward(q, k_loc, v_loc, k_sep, v_sep, out, lse)
+        ctx.save_for_backward(q, k_far, v_far, out, lse, *kps, *vps)
         return out
 
     @staticmethod
     def backward(ctx, d_out):  # noqa: ANN001
-        q, k_loc, v_loc, k_sep, v_sep, out, lse = ctx.saved_tensors
+        q, k_far, v_far, out, lse, *kvp = ctx.saved_tensors
         plan: _Plan = ctx.plan
         B, H, S, D = q.shape
+        bs, nb, C = plan.bs, plan.nb, plan.C
         d_out = d_out.contiguous()
-        # Each part's backward with the merged out / lse gives its share of the exact gradient.
-        dq1, dk_loc, dv_loc = _flash_bwd(
-            _to_blocks(d_out, plan),
-            _to_blocks(q, plan),
-            k_loc,
-            v_loc,
-            _to_blocks(out, plan),
-            _lse_to_blocks(lse, plan),
-            0.0,
-            False,
-            attn_mask=plan.mask1,
-        )
-        dq = _from_blocks(dq1, plan, B, S).contiguous()
-        dk_sep = torch.zeros_like(k_sep) if k_sep is not None else None
-        dv_sep = torch.zeros_like(v_sep) if v_sep is not None else None
-        for g0, g1, m, mask in plan.groups:
-            dqg, dkg, dvg = _flash_bwd(
-                d_out[:, :, g0:g1],
-                q[:, :, g0:g1],
-                k_sep[:, :, :m],
-                v_sep[:, :, :m],
-                out[:, :, g0:g1],
-                lse[:, :, g0:g1],
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(q)
+        dv = torch.empty_like(q)
+        for b in range(B):
+            # Each part's backward with the merged out / lse gives its share of the gradient.
+            dq1, dk1, dv1 = _flash_bwd(
+                _qblocks(d_out[b], plan),
+                _qblocks(q[b], plan),
+                _kblocks(kvp[b], plan),
+                _kblocks(kvp[B + b], plan),
+                _qblocks(out[b], plan),
+                _lse_blocks(lse[b], plan),
                 0.0,
                 False,
-                attn_mask=mask,
+                attn_mask=plan.mask1,
             )
-            dq[:, :, g0:g1] += dqg
-            dk_sep[:, :, :m] += dkg
-            dv_sep[:, :, :m] += dvg
-        return dq, dk_loc, dv_loc, dk_sep, dv_sep, None
+            dq[b] = _from_qblocks(dq1, S)
+            for dx1, dx in ((dk1, dk), (dv1, dv)):
+                # key block t of query block c is position block c - nb + t
+                d5 = dx1.view(C, H, nb + 1, bs, D)
+                if C * bs == S:
+                    acc = dx[b]
+                    acc.view(H, C, bs, D).copy_(d5[:, :, nb].transpose(0, 1))  # own block
+                else:
+                    acc = d5[:, :, nb].transpose(0, 1).reshape(H, C * bs, D)
+                acc5 = acc.view(H, C, bs, D)
+                for t in range(nb):
+                    sh = nb - t  # block c - sh
+                    if sh < C:
+                        acc5[:, : C - sh].add_(d5[sh:, :, t].transpose(0, 1))
+                if C * bs != S:
+                    dx[b] = acc[:, :S]
+        if plan.groups:
+            dk_far = torch.zeros_like(k_far)
+            dv_far = torch.zeros_like(v_far)
+            for g0, g1, m, mask, _ in plan.groups:
+                dqg, dkg, dvg = _flash_bwd(
+                    d_out[:, :, g0:g1],
+                    q[:, :, g0:g1],
+                    k_far[:, :, :m],
+                    v_far[:, :, :m],
+                    out[:, :, g0:g1],
+                    lse[:, :, g0:g1],
+                    0.0,
+                    False,
+                    attn_mask=mask,
+                )
+                dq[:, :, g0:g1] += dqg
+                dk_far[:, :, :m] += dkg
+                dv_far[:, :, :m] += dvg
+            idx = plan.far_pos[:, None, :, None].expand(B, H, plan.M, D)
+            dk.scatter_add_(2, idx, dk_far)
+            dv.scatter_add_(2, idx, dv_far)
+        return dq, dk, dv, None
 
 
 _dropout_warned = False
@@ -286,10 +312,4 @@ def compact_kernel(
     plan = info.window_cache(
         ("compact", window, q.dtype, q.device), lambda: _build_plan(info, window, q.dtype)
     )
-    k_loc, v_loc = _local_keys(k, plan), _local_keys(v, plan)
-    k_sep = v_sep = None
-    if plan.groups:
-        pos = info.sep_pos[:, : plan.M].clamp(max=S - 1)  # padding S -> any key, masked
-        idx = pos[:, None, :, None].expand(B, H, plan.M, D)
-        k_sep, v_sep = k.gather(2, idx), v.gather(2, idx)  # [B, H, M, D]
-    return _CompactAttention.apply(q.contiguous(), k_loc, v_loc, k_sep, v_sep, plan)
+    return _CompactAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan)
