@@ -2,21 +2,25 @@
 
 The kept keys of query i split into two disjoint parts:
 
-  local  = window keys {j : i - w < j <= i}  plus initial keys not in the window
-  sep    = compact separators (outside the initial range) with j <= i - w
+  window = {j : i - w < j <= i}
+  far    = initial keys and separators with j <= i - w (initial keys come before every
+           separator, so one sorted compact list [B, a + M] holds both)
 
-The local part is block-local: queries are cut into blocks of `bs`; block c attends to its own
-block and the `nb = ceil((w-1)/bs)` blocks before it plus the `a` initial keys, all in one
-batched flash call ([B*C, H, bs, a + (nb+1)*bs] tiles). The separator part runs over the compact
-[B, H, M, D] separator keys with a causal tiling: query group g only sees the separators that
+The window part is block-local: queries are cut into blocks of `bs`; block c attends to its own
+block and the `nb = ceil((w-1)/bs)` blocks before it, all in one batched flash call
+([C, H, bs, (nb+1)*bs] tiles). Its keys are an overlapping as_strided view of the zero-padded
+K / V (no gathered copy), and its queries a strided view of Q. The far part runs over the
+compact [B, H, a + M, D] keys with a causal tiling: query group g only sees the far keys that
 are at least w before its last query, so the cost is about half the S x M rectangle.
 
 The two parts are merged by log-sum-exp. The gradient is exact with one trick: the flash
 backward of each part is called with the *merged* output and log-sum-exp, so each part's
 probabilities are its share of the global softmax (as in ring attention). The CPU flash op's
-logsumexp has no autograd, hence the custom autograd.Function.
+logsumexp has no autograd, hence the custom autograd.Function (over q, k, v directly, so
+no autograd graph of gathers / pads / cats; the window-part key gradients are folded back from
+the overlapping blocks with nb adds).
 
-Cost grows with the pairs computed: S * (a + (nb+1) * bs) + about S * M / 2, against kept
+Cost grows with the pairs computed: S * (nb+1) * bs + about S * M / 2, against kept
 pairs of about S * (a + w) + S * M / 2 and S^2 / 2 for causal attention.
 """
 
@@ -60,7 +64,7 @@ class _Plan:
 
 
 def block_size(window: int) -> int:
-    """Query block of the window part: the window itself, but at least 32 so tiles stay efficient."""
+    """Query block of the window part: the window, but at least 32 so tiles stay efficient."""
     return max(window, 32)
 
 
