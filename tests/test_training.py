@@ -2,53 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import free_port, run_cli
+from tests.conftest import run_cli, step_losses, write_config
 
 pytestmark = pytest.mark.slow
-
-
-def write_config(tmp_path: Path, shakespeare: tuple[str, str], name: str = "c.yml", **kw) -> Path:
-    prefix, tokenizer = shakespeare
-    cfg = {
-        "num_layers": 2,
-        "hidden_size": 64,
-        "num_attention_heads": 4,
-        "seq_length": 64,
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 2,
-        "train_iters": 8,
-        "lr": 2e-3,
-        "warmup": 0.25,
-        "min_lr": 1e-4,
-        "hidden_dropout": 0.1,  # makes the result depend on the restored RNG state
-        "data_path": prefix,
-        "vocab_file": tokenizer,
-        "tokenizer_type": "HFTokenizer",
-        "split": "900,100,0",
-        "log_interval": 1,
-        "eval_interval": 4,
-        "eval_iters": 2,
-        "checkpoint_factor": 4,
-        "seed": 7,
-        "master_port": free_port(),
-        "metrics_jsonl": str(tmp_path / f"{name}.jsonl"),
-        **kw,
-    }
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def step_losses(path: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return {r["iteration"]: r["train/step_loss"] for r in rows if "train/step_loss" in r}
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path: Path, shakespeare) -> None:

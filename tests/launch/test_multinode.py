@@ -7,7 +7,6 @@ must report identical weights on both ranks.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -17,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.conftest import ROOT, free_port, run_cli
+from tests.conftest import ROOT, run_cli, step_losses
+from tests.conftest import write_config as shared_write_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,38 +33,15 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def write_config(tmp_path: Path, shakespeare: tuple[str, str], name: str, **kw: Any) -> Path:
-    prefix, tokenizer = shakespeare
-    cfg = {
-        "num_layers": 2,
-        "hidden_size": 64,
-        "num_attention_heads": 4,
-        "seq_length": 64,
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "train_iters": 4,
-        "lr": 2e-3,
-        "warmup": 0.25,
-        "min_lr": 1e-4,
-        "data_path": prefix,
-        "vocab_file": tokenizer,
-        "tokenizer_type": "HFTokenizer",
-        "split": "900,100,0",
-        "log_interval": 1,
-        "eval_interval": 100,
-        "checkpoint_factor": 100,
-        "seed": 7,
-        "master_port": free_port(),
-        "metrics_jsonl": str(tmp_path / f"{name}.jsonl"),
-        **kw,
-    }
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def step_losses(path: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return {r["iteration"]: r["train/step_loss"] for r in rows if "train/step_loss" in r}
+    """The shared test config, 4 steps without dropout, eval or intermediate checkpoints."""
+    settings = dict(
+        train_iters=4,
+        gradient_accumulation_steps=1,
+        hidden_dropout=0.0,
+        eval_interval=100,
+        checkpoint_factor=100,
+    )
+    return shared_write_config(tmp_path, shakespeare, name, **{**settings, **kw})
 
 
 @pytest.fixture(scope="module")

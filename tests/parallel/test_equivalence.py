@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
-from tests.test_training import step_losses, write_config
+from tests.conftest import run_cli, step_losses, write_config
 
 pytestmark = pytest.mark.slow
 
