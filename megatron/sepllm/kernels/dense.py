@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.sepllm.info import SepInfo, dense_keep_mask
+from megatron.sepllm.kernels.causal import causal_kernel
 
 
 def dense_kernel(
@@ -23,9 +24,7 @@ def dense_kernel(
     gqa = k.shape[1] != q.shape[1]
     S = q.shape[2]
     if info is None or window >= S:  # every causal pair is kept
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa
-        )
+        return causal_kernel(q, k, v, window=window, info=None, dropout_p=dropout_p)
     # The mask is the same for every layer with this window: build it once per batch.
     mask = info.window_cache(
         ("dense", window, q.device), lambda: dense_keep_mask(info, window)[:, None].to(q.device)

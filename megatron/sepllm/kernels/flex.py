@@ -20,10 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from megatron.sepllm.info import SepInfo
+from megatron.sepllm.kernels.causal import causal_kernel
 
 _compiled_flex: Callable[..., Any] | None = None
 
@@ -74,9 +74,7 @@ def flex_kernel(
     S = q.shape[2]
     gqa = k.shape[1] != q.shape[1]
     if info is None or window >= S:  # every causal pair is kept
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa
-        )
+        return causal_kernel(q, k, v, window=window, info=None, dropout_p=dropout_p)
     if dropout_p > 0.0:  # flex_attention has no dropout: exact reference instead
         from megatron.sepllm.kernels.dense import dense_kernel
 
