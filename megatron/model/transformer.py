@@ -77,7 +77,7 @@ class Block(nn.Module):
     def kernel(self, seq_len: int, device: torch.device) -> AttentionKernel:
         if self.sep.mode == "full" or self.window >= seq_len:
             return get_kernel("causal", device)
-        return get_kernel(self.sep.attention_kernel, device)
+        return get_kernel(self.sep.attention_kernel, device, seq_len)
 
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:  # [B, S, hidden]
         kernel = self.kernel(ctx.seq_len, x.device)

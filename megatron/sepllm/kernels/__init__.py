@@ -41,11 +41,22 @@ def _flex() -> AttentionKernel | None:
     return flex_kernel
 
 
-def get_kernel(name: str, device: torch.device | str | None = None) -> AttentionKernel:
+# Below this sequence length `auto` uses the dense-mask kernel on CPU: the S x S mask is small
+# and one SDPA call beats the compact kernel's several small flash calls (measured at B=16,
+# H=4, D=64, w=16: S=128 dense 7.2 ms vs compact 15.5 ms fwd+bwd; at B=1, H=8, S=1024, w=64
+# compact is already faster, 22 vs 32 ms - docs/benchmarks.md).
+AUTO_DENSE_MAX_SEQ = 512
+
+
+def get_kernel(
+    name: str, device: torch.device | str | None = None, seq_len: int | None = None
+) -> AttentionKernel:
     """Return the kernel called `name`; 'auto' picks the fastest one available on `device`:
-    flex on CUDA when FlexAttention is importable, else compact."""
+    flex on CUDA when FlexAttention is importable, else compact (dense for short sequences)."""
     if name == "auto":
         dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type != "cuda" and seq_len is not None and seq_len <= AUTO_DENSE_MAX_SEQ:
+            return dense_kernel
         if dev.type == "cuda":
             flex = _flex()
             if flex is not None:
