@@ -107,9 +107,12 @@ def main() -> None:
     time_ours(trainer, ours_batches, 2)  # warm-up both
     time_hf(hf, opt, hf_batches, 2, accum, clip, dtype)
     ours_t, hf_t = [], []
-    for _ in range(args.rounds):
+    for r in range(args.rounds):  # alternate which side goes first: drift hits both alike
+        if r % 2:
+            hf_t.append(time_hf(hf, opt, hf_batches, args.steps, accum, clip, dtype))
         ours_t.append(time_ours(trainer, ours_batches, args.steps))
-        hf_t.append(time_hf(hf, opt, hf_batches, args.steps, accum, clip, dtype))
+        if not r % 2:
+            hf_t.append(time_hf(hf, opt, hf_batches, args.steps, accum, clip, dtype))
     tokens = args.steps * cfg.derived.global_batch * cfg.model.seq_length
     ours_tps, hf_tps = tokens / statistics.median(ours_t), tokens / statistics.median(hf_t)
     n_params = sum(p.numel() for p in trainer.engine.module.parameters())

@@ -67,9 +67,16 @@ class NormRecorder:
     def _clip_and_record(self) -> None:
         from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415
 
-        params = self.engine.module.parameters()
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
         max_norm = self.engine.gradient_clipping()
-        self.value = float(clip_grad_norm_(params, max_norm=max_norm, mpu=self.engine.mpu))
+        mpu = self.engine.mpu
+        if mpu is None or mpu.get_model_parallel_world_size() == 1:
+            # No model parallelism: torch's multi-tensor clip computes the same norm in a few
+            # fused calls instead of one Python-level norm per parameter.
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        else:
+            norm = clip_grad_norm_(params, max_norm=max_norm, mpu=mpu)
+        self.value = float(norm)
 
     def norm(self) -> float | None:
         """The engine's own norm (ZeRO / bf16 optimizers), else the recorded one."""
