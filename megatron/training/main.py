@@ -90,14 +90,14 @@ def main(argv: list[str] | None = None) -> list[float]:
     dist.barrier()
     if rank != 0:
         prepare_bundled_data(cfg)  # now only reads what rank 0 built
-    try:
-        return run(cfg, raw, rank, world, device)
-    finally:
-        # Tear the process group down before the interpreter exits: a gloo worker thread
-        # still holding Python tensors during finalisation aborts the process (seen under
-        # mpirun as SIGABRT after a successful run).
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    losses = run(cfg, raw, rank, world, device)
+    # Every rank finishes its sends and receives, then the groups are torn down before the
+    # interpreter exits: gloo threads still alive during finalisation abort the process
+    # (seen as SIGABRT under mpirun and "terminate called" after pipeline runs). On an error
+    # the exception propagates instead and the launcher stops the other ranks.
+    dist.barrier()
+    dist.destroy_process_group()
+    return losses
 
 
 def run(cfg: Config, raw: dict[str, str], rank: int, world: int, device: Any) -> list[float]:
