@@ -84,3 +84,10 @@ def write_config(tmp_path: Path, shakespeare: tuple[str, str], name: str = "c.ym
 def step_losses(path: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     return {r["iteration"]: r["train/step_loss"] for r in rows if "train/step_loss" in r}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """DeepSpeed's CPU shm comm op leaves a /dev/shm buffer per rank and port (tens of MB
+    each); remove those the test runs created so repeated runs do not fill memory."""
+    for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        path.unlink(missing_ok=True)
