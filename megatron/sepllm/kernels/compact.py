@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.sepllm.info import SepInfo
+from megatron.sepllm.kernels.causal import causal_kernel
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -288,9 +289,7 @@ def compact_kernel(
     B, H, S, D = q.shape
     gqa = k.shape[1] != H
     if info is None or window >= S:  # every causal pair is kept
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa
-        )
+        return causal_kernel(q, k, v, window=window, info=None, dropout_p=dropout_p)
     if dropout_p > 0.0:
         # Attention-probability dropout needs the full probability tiles: use the reference.
         global _dropout_warned
