@@ -34,10 +34,13 @@ def apply_rotary(
     x: torch.Tensor,  # [B, H, S, D]
     cos: torch.Tensor,  # [S, R] or [B, S, R]
     sin: torch.Tensor,
-) -> torch.Tensor:
+) -> torch.Tensor:  # [B, H, S, D], a view of [B, S, H, D] storage
+    # Computed in [B, S, H, D] order: the projections produce that layout and the attention
+    # kernels (CPU flash op, compact kernel) read it without a copy.
     rot = cos.shape[-1]
-    if cos.dim() == 3:  # per-row positions: broadcast over heads
-        cos, sin = cos[:, None], sin[:, None]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads: [.., S, 1, R]
+    xs = x.transpose(1, 2)
+    x_rot, x_pass = xs[..., :rot], xs[..., rot:]
     x_rot = x_rot * cos + _rotate_half(x_rot) * sin
-    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+    out = torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+    return out.transpose(1, 2)

@@ -13,6 +13,7 @@ from megatron.config.schema import SepLLMConfig
 from megatron.sepllm.info import build_sep_info
 from megatron.sepllm.kernels import compact as compact_mod
 from megatron.sepllm.kernels import get_kernel
+from megatron.sepllm.kernels import parts as parts_mod
 
 SEP = 3  # separator id used by the synthetic batches
 PAD = 0
@@ -89,10 +90,12 @@ def _run(kernel_name, q, k, v, w, info, grad):  # noqa: ANN001, ANN202
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[-1]}-S{c[3]}-w{c[5]}-a{c[6]}" for c in CASES])
-@pytest.mark.parametrize("kernel", ["dense", "compact"])
+@pytest.mark.parametrize("kernel", ["dense", "compact", "compact-bshd", "compact-math"])
 def test_kernel_matches_reference(case, kernel, monkeypatch) -> None:  # noqa: ANN001
     # Exercise the two-part compact path even where it would hand short sequences to dense.
     monkeypatch.setattr(compact_mod, "DENSE_BELOW_WINDOW_RATIO", 0)
+    if kernel == "compact-math":  # the explicit-matmul backend (non-CPU, non-CUDA devices)
+        monkeypatch.setattr(parts_mod, "BACKEND_OVERRIDE", "math")
     B, H, Hkv, S, D, w, a, kind = case
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     ids, padded = make_ids(B, S, kind, gen)
@@ -116,7 +119,9 @@ def test_kernel_matches_reference(case, kernel, monkeypatch) -> None:  # noqa: A
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     ref = reference_attention(qr, kr, vr, keep)
     ref.backward(grad)
-    out, dq, dk, dv = _run(kernel, q, k, v, w, info, grad)
+    if kernel == "compact-bshd":  # [B, H, S, D] views of [B, S, H, D] storage, as in the model
+        q, k, v, grad = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, grad))
+    out, dq, dk, dv = _run(kernel.split("-")[0], q, k, v, w, info, grad)
     tol = {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(out, ref.detach(), **tol)
     torch.testing.assert_close(dq, qr.grad, **tol)
@@ -186,3 +191,30 @@ def test_flex_forward_matches_reference(case) -> None:  # noqa: ANN001
     ref = reference_attention(q, k, v, reference_keep(ids, seps, a, w, padded))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert any(key[0] == "flex" for key in info.cache)  # block mask cached per window
+
+
+def test_fused_cpu_parts_match_math_parts(monkeypatch) -> None:  # noqa: ANN001
+    """The CPU flash part op and the explicit-matmul part agree (rows that keep no key are
+    compared on the output only: the fused op reports their log-sum-exp as 0, math as -inf)."""
+    gen = torch.Generator().manual_seed(3)
+    N, H, Sq, Sk, D = 3, 2, 37, 29, 16
+    q, do = (torch.randn(N, H, Sq, D, generator=gen) for _ in range(2))
+    k, v = (torch.randn(N, H, Sk, D, generator=gen) for _ in range(2))
+    keep = torch.rand(N, 1, Sq, Sk, generator=gen) < 0.3
+    keep[:, :, 5] = False  # an empty row
+    mask = torch.zeros(N, 1, Sq, Sk).masked_fill_(~keep, -math.inf)
+    results = {}
+    for backend in ("cpu", "math"):
+        monkeypatch.setattr(parts_mod, "BACKEND_OVERRIDE", backend)
+        out, lse = parts_mod.part_forward(q, k, v, mask)
+        # backward with a larger "merged" lse, as when another part also contributed
+        merged = torch.logaddexp(lse.masked_fill(~keep.any(-1), -math.inf), lse.new_tensor(0.5))
+        grads = parts_mod.part_backward(do, q, k, v, out, merged, mask)
+        results[backend] = (out, lse, grads)
+    (o1, l1, g1), (o2, l2, g2) = results["cpu"], results["math"]
+    rows = keep.any(-1).expand(N, H, Sq)
+    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1[rows], l2[rows], atol=1e-5, rtol=1e-5)
+    assert torch.isinf(l2[~rows]).all()
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -31,13 +31,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from megatron.sepllm.info import SepInfo
 from megatron.sepllm.kernels.causal import causal_kernel
-
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+from megatron.sepllm.kernels.parts import part_backward, part_forward
 
 # Query group of the separator part: large enough for efficient tiles and few ops (each op is
 # a parallel region; on a busy 2-core machine every region costs a scheduling delay), small
@@ -52,16 +49,31 @@ DENSE_MAX_SEQ = 4096
 
 
 @dataclass
+class _FarGroup:
+    g0: int  # queries [g0, g1)
+    g1: int
+    m: int  # far keys this group can see (a prefix of the compact list)
+    mask: torch.Tensor  # [B, 1, g1 - g0, m] additive 0 / -inf
+    empty: torch.Tensor  # [B, 1, g1 - g0] bool: query sees no far key (its part lse is -inf)
+
+
+@dataclass
 class _Plan:
     """Everything the kernel derives from (info, window): built once per batch, shared."""
 
     bs: int  # query block of the window part
     nb: int  # previous blocks each block attends to
-    C: int  # number of query blocks (S padded up to C * bs)
-    mask1: torch.Tensor  # [C, 1, bs, (nb+1)*bs] float 0 / -inf (same for every batch row)
+    C: int  # query blocks per row (S padded up to Sp = C * bs)
+    B: int
+    mask1: torch.Tensor  # [B * C, 1, bs, (nb+1)*bs] additive 0 / -inf
     far_pos: torch.Tensor | None  # [B, M] long: initial keys then separators, clamped to S - 1
-    groups: list[tuple[int, int, int, torch.Tensor, torch.Tensor]]  # (g0, g1, m, mask, empty)
+    rows: torch.Tensor | None  # [B, 1] long: batch index for gathering far_pos
+    groups: list[_FarGroup]
     M: int  # width of the compact far keys actually used (max over groups)
+
+    @property
+    def Sp(self) -> int:  # noqa: N802 (the padded sequence length)
+        return self.C * self.bs
 
 
 def block_size(window: int) -> int:
@@ -69,16 +81,29 @@ def block_size(window: int) -> int:
     return max(window, 32)
 
 
-def _local_mask(S: int, window: int, bs: int, nb: int, C: int, dtype, dev):  # noqa: ANN001
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [..., Sk] -> additive 0 / -inf mask whose row stride is a multiple of 16 elements
+    (the CUDA memory-efficient op needs aligned bias rows; the CPU op reads any stride)."""
+    sk = keep.shape[-1]
+    buf = torch.empty(*keep.shape[:-1], -(-sk // 16) * 16, dtype=dtype, device=keep.device)
+    mask = buf[..., :sk]
+    mask.fill_(-math.inf).masked_fill_(keep, 0.0)
+    return mask
+
+
+def _local_mask(window: int, B: int, bs: int, nb: int, C: int, dtype, dev):  # noqa: ANN001
+    """[B * C, 1, bs, (nb+1)*bs]: query block c of a row sees key blocks c - nb .. c.
+
+    Key slots before the row's start hold the previous row's keys (or zeros): masked. Keys past
+    S in a padded tail are not masked, so no query row (padded ones included) is empty.
+    """
     i = (torch.arange(C, device=dev)[:, None] * bs + torch.arange(bs, device=dev)[None, :])[
         ..., None
     ]  # [C, bs, 1] query positions
     t = torch.arange((nb + 1) * bs, device=dev)
     p = torch.arange(C, device=dev)[:, None, None] * bs - nb * bs + t[None, None, :]  # [C, 1, T]
-    keep = (p >= 0) & (p <= i) & (i - p < window) & (p < S)  # [C, bs, T]
-    zero = torch.zeros((), dtype=dtype, device=dev)
-    mask = torch.where(keep, zero, torch.full((), -math.inf, dtype=dtype, device=dev))
-    return mask[:, None].contiguous()
+    keep = (p >= 0) & (p <= i) & (i - p < window)  # [C, bs, T]
+    return _additive(keep[:, None].repeat(B, 1, 1, 1), dtype)
 
 
 def _far_keys(info: SepInfo) -> torch.Tensor:
@@ -99,12 +124,11 @@ def _far_keys(info: SepInfo) -> torch.Tensor:
 def _far_groups(info: SepInfo, window: int, dtype: torch.dtype):
     """Causal tiling of the far part (initial keys and separators at least w back).
 
-    Returns (far_pos, groups, M): groups of (g0, g1, m, mask [B, 1, g1-g0, m] float 0 / -inf,
-    empty [B, 1, g1-g0] bool for queries that see no far key: their part logsumexp must be
-    -inf; the flash op returns 0 for an all-masked row).
+    Returns (far_pos [B, M], groups, M); query group g sees only the far keys at least w before
+    its last query, so the work is about half the S x M rectangle.
     """
     S, dev = info.seq_len, info.device
-    groups: list = []
+    groups: list[_FarGroup] = []
     pos = _far_keys(info)  # [B, Mt], sorted, padded with S
     if pos.shape[1] == 0:
         return None, groups, 0
@@ -112,8 +136,6 @@ def _far_groups(info: SepInfo, window: int, dtype: torch.dtype):
     limits = (torch.arange(G - 1, S + G - 1, G).clamp(max=S - 1) - window).to(dev)
     limits = limits[None, :].expand(pos.shape[0], -1).contiguous()
     widths = torch.searchsorted(pos, limits, right=True).max(dim=0).values.tolist()
-    zero = torch.zeros((), dtype=dtype, device=dev)
-    neg = torch.full((), -math.inf, dtype=dtype, device=dev)
     for g, m in enumerate(widths):
         if m == 0:
             continue  # no query of this group sees a far key
@@ -121,157 +143,183 @@ def _far_groups(info: SepInfo, window: int, dtype: torch.dtype):
         i = torch.arange(g0, g1, device=dev)  # [G]
         keep = pos[:, None, :m] <= (i - window)[None, :, None]  # [B, G, m]
         empty = ~keep.any(dim=-1)[:, None]  # [B, 1, G]
-        groups.append((g0, g1, m, torch.where(keep, zero, neg)[:, None], empty))
+        groups.append(_FarGroup(g0, g1, m, _additive(keep[:, None], dtype), empty))
     M = max(widths)
     return pos[:, :M].clamp(max=S - 1).contiguous(), groups, M
 
 
 def _build_plan(info: SepInfo, window: int, dtype: torch.dtype) -> _Plan:
-    S = info.seq_len
+    S, B = info.seq_len, info.batch_size
     bs = block_size(window)
     nb = -(-(window - 1) // bs)  # ceil((w-1)/bs): previous blocks a window can reach
     C = -(-S // bs)
-    mask1 = _local_mask(S, window, bs, nb, C, dtype, info.device)
+    mask1 = _local_mask(window, B, bs, nb, C, dtype, info.device)
     far_pos, groups, M = _far_groups(info, window, dtype)
-    return _Plan(bs, nb, C, mask1, far_pos, groups, M)
+    rows = torch.arange(B, device=info.device)[:, None] if groups else None
+    return _Plan(bs, nb, C, B, mask1, far_pos, rows, groups, M)
 
 
-def _qblocks(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """[H, S, D] -> [C, H, bs, D] strided view (zero-padded copy only when S % bs != 0)."""
-    H, S, D = x.shape
-    Sp = plan.C * plan.bs
-    if Sp != S or not x.is_contiguous():
-        x = F.pad(x, (0, 0, 0, Sp - S)).contiguous()
-    return x.as_strided((plan.C, H, plan.bs, D), (plan.bs * D, Sp * D, D, 1))
+# Layout. Every tensor the kernel touches is a [B, H, S, D] view of [B, S, H, D] storage (the
+# flash op's native layout and the projections' output layout), so the window part is one
+# flash call over all rows with zero-copy block views of q, out, d_out and dq.
 
 
-def _lse_blocks(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """[H, S] -> [C, H, bs]."""
-    H, S = x.shape
-    Sp = plan.C * plan.bs
-    x = F.pad(x, (0, Sp - S)).contiguous()
-    return x.view(H, plan.C, plan.bs).transpose(0, 1).contiguous()
+def _bshd(x: torch.Tensor, Sp: int) -> torch.Tensor:
+    """[B, H, S, D] -> [B, H, Sp, D] view of contiguous [B, Sp, H, D] storage (zero padded);
+    no copy when x already is one."""
+    B, H, S, D = x.shape
+    if Sp == S and x.transpose(1, 2).is_contiguous():
+        return x
+    buf = x.new_empty(B, Sp, H, D)
+    buf[:, :S].copy_(x.transpose(1, 2))
+    buf[:, S:].zero_()
+    return buf.transpose(1, 2)
 
 
-def _pad_keys(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """[H, S, D] -> [H, (nb + C) * bs, D]: nb zero blocks before, zeros after S."""
-    H, S, D = x.shape
-    bs, nb, C = plan.bs, plan.nb, plan.C
-    xp = x.new_empty(H, (nb + C) * bs, D)
-    xp[:, : nb * bs].zero_()
-    xp[:, nb * bs : nb * bs + S].copy_(x)
-    xp[:, nb * bs + S :].zero_()
-    return xp
+def _qblocks(x: torch.Tensor, bs: int) -> torch.Tensor:
+    """[B, H, Sp, D] (BSHD storage) -> [B * Sp / bs, H, bs, D] view."""
+    B, H, Sp, D = x.shape
+    return x.transpose(1, 2).view(B * Sp // bs, bs, H, D).transpose(1, 2)
 
 
-def _kblocks(xp: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """[H, (nb + C) * bs, D] padded -> [C, H, (nb+1)*bs, D]: overlapping strided view."""
-    H, L, D = xp.shape
+def _unblock(x: torch.Tensor, B: int) -> torch.Tensor:
+    """[N, H, bs, ...] -> [B, H, Sp, ...] (a view when x has BSHD storage, as the ops return)."""
+    N, H, bs = x.shape[:3]
+    y = x.transpose(1, 2).reshape(B, N * bs // B, H, *x.shape[3:])
+    return y.transpose(1, 2)
+
+
+def _padded_keys(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """[B, H, S, D] -> flat [nb*bs + B*Sp, H, D]: nb zero blocks, then each row padded to Sp."""
+    B, H, S, D = x.shape
+    lead = plan.nb * plan.bs
+    buf = x.new_empty(lead + B * plan.Sp, H, D)
+    buf[:lead].zero_()
+    rows = buf[lead:].view(B, plan.Sp, H, D)
+    rows[:, :S].copy_(x.transpose(1, 2))
+    rows[:, S:].zero_()
+    return buf
+
+
+def _kblocks(flat: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """flat padded keys -> [B * C, H, (nb+1)*bs, D] overlapping view: query block n sees
+    padded key blocks n .. n + nb (flat key blocks n - nb .. n)."""
+    _, H, D = flat.shape
     bs = plan.bs
-    return xp.as_strided((plan.C, H, (plan.nb + 1) * bs, D), (bs * D, L * D, D, 1))
+    return flat.as_strided((plan.B * plan.C, H, (plan.nb + 1) * bs, D), (bs * H * D, D, H * D, 1))
 
 
-def _from_qblocks(x: torch.Tensor, S: int) -> torch.Tensor:
-    """[C, H, bs, D] -> [H, S, D] view (strided)."""
-    C, H, bs, D = x.shape
-    return x.transpose(0, 1).reshape(H, C * bs, D)[:, :S]
+def _fold_into(acc: torch.Tensor, tiles: torch.Tensor, nb: int) -> None:
+    """acc [N, bs, ...] <- key-block sums of tiles [N, nb + 1, bs, ...].
+
+    Slot t of query block n is flat key block n + t - nb; slots that fall before a row's
+    start carry exact zeros (masked keys), so summing across row boundaries is harmless.
+    """
+    N = tiles.shape[0]
+    if nb == 0 or N == 1:
+        acc.copy_(tiles[:, nb])
+        first = nb
+    else:
+        torch.add(tiles[:-1, nb], tiles[1:, nb - 1], out=acc[:-1])
+        acc[-1].copy_(tiles[-1, nb])
+        first = nb - 1
+    for t in range(first):
+        sh = nb - t
+        if sh < N:
+            acc[: N - sh].add_(tiles[sh:, t])
+
+
+def _fold_keys(dk1: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Window-part key gradients [B*C, H, (nb+1)*bs, D] -> [B, H, Sp, D] (BSHD storage)."""
+    N, H, T, D = dk1.shape
+    acc = torch.empty(N, plan.bs, H, D, dtype=dk1.dtype, device=dk1.device)
+    _fold_into(acc, dk1.transpose(1, 2).reshape(N, plan.nb + 1, plan.bs, H, D), plan.nb)
+    return acc.view(plan.B, plan.Sp, H, D).transpose(1, 2)
 
 
 class _CompactAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan):  # noqa: ANN001
         B, H, S, D = q.shape
-        out = torch.empty(B, H, S, D, dtype=torch.float32)
-        lse = torch.empty(B, H, S, dtype=torch.float32)
-        kps, vps = [], []
-        for b in range(B):
-            kp, vp = _pad_keys(k[b], plan), _pad_keys(v[b], plan)
-            kps.append(kp)
-            vps.append(vp)
-            o1, l1 = _flash(
-                _qblocks(q[b], plan), _kblocks(kp, plan), _kblocks(vp, plan), attn_mask=plan.mask1
-            )
-            out[b] = _from_qblocks(o1, S)
-            lse[b] = l1.transpose(0, 1).reshape(H, -1)[:, :S]
+        qs = _bshd(q, plan.Sp)  # [B, H, Sp, D]
+        kp, vp = _padded_keys(k, plan), _padded_keys(v, plan)
+        o1, l1 = part_forward(
+            _qblocks(qs, plan.bs), _kblocks(kp, plan), _kblocks(vp, plan), plan.mask1
+        )
+        out = _unblock(o1, B)  # [B, H, Sp, D]
+        lse = _unblock(l1, B)  # [B, H, Sp] float32
         k_far = v_far = None
         if plan.groups:
-            idx = plan.far_pos[:, None, :, None].expand(B, H, plan.M, D)
-            k_far, v_far = k.gather(2, idx), v.gather(2, idx)  # [B, H, M, D]
-            for g0, g1, m, mask, empty in plan.groups:
-                og, lg = _flash(q[:, :, g0:g1], k_far[:, :, :m], v_far[:, :, :m], attn_mask=mask)
-                lg = lg.float().masked_fill_(empty, -math.inf)
-                l1 = lse[:, :, g0:g1]
-                merged = torch.logaddexp(l1, lg)
-                o = out[:, :, g0:g1]
-                o.mul_(torch.exp(l1 - merged)[..., None])
-                o.add_(og * torch.exp(lg - merged)[..., None])
-                l1.copy_(merged)
-        out = out.to(q.dtype)
+            k_far, v_far = _gather_far(k, plan), _gather_far(v, plan)  # [B, H, M, D]
+            for g in plan.groups:
+                og, lg = part_forward(
+                    qs[:, :, g.g0 : g.g1], k_far[:, :, : g.m], v_far[:, :, : g.m], g.mask
+                )
+                _merge(out[:, :, g.g0 : g.g1], lse[:, :, g.g0 : g.g1], og, lg, g.empty)
         ctx.plan = plan
-        ctx.save_for_backward(q, k_far, v_far, out, lse, *kps, *vps)
-        return out
+        ctx.save_for_backward(qs, kp, vp, k_far, v_far, out, lse)
+        return out[:, :, :S]
 
     @staticmethod
     def backward(ctx, d_out):  # noqa: ANN001
-        q, k_far, v_far, out, lse, *kvp = ctx.saved_tensors
+        qs, kp, vp, k_far, v_far, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        B, H, S, D = q.shape
-        bs, nb, C = plan.bs, plan.nb, plan.C
-        d_out = d_out.contiguous()
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(q)
-        dv = torch.empty_like(q)
-        for b in range(B):
-            # Each part's backward with the merged out / lse gives its share of the gradient.
-            dq1, dk1, dv1 = _flash_bwd(
-                _qblocks(d_out[b], plan),
-                _qblocks(q[b], plan),
-                _kblocks(kvp[b], plan),
-                _kblocks(kvp[B + b], plan),
-                _qblocks(out[b], plan),
-                _lse_blocks(lse[b], plan),
-                0.0,
-                False,
-                attn_mask=plan.mask1,
-            )
-            dq[b] = _from_qblocks(dq1, S)
-            for dx1, dx in ((dk1, dk), (dv1, dv)):
-                # key block t of query block c is position block c - nb + t
-                d5 = dx1.view(C, H, nb + 1, bs, D)
-                if C * bs == S:
-                    acc = dx[b]
-                    acc.view(H, C, bs, D).copy_(d5[:, :, nb].transpose(0, 1))  # own block
-                else:
-                    acc = d5[:, :, nb].transpose(0, 1).reshape(H, C * bs, D)
-                acc5 = acc.view(H, C, bs, D)
-                for t in range(nb):
-                    sh = nb - t  # block c - sh
-                    if sh < C:
-                        acc5[:, : C - sh].add_(d5[sh:, :, t].transpose(0, 1))
-                if C * bs != S:
-                    dx[b] = acc[:, :S]
+        B, H, S, D = d_out.shape
+        dos = _bshd(d_out, plan.Sp)
+        # Each part's backward with the merged out / lse gives its share of the gradient.
+        blocks = (
+            _qblocks(dos, plan.bs),
+            _qblocks(qs, plan.bs),
+            _kblocks(kp, plan),
+            _kblocks(vp, plan),
+            _qblocks(out, plan.bs),
+            _unblock_lse_view(lse, plan.bs),
+        )
+        dq1, dk1, dv1 = part_backward(*blocks, plan.mask1)
+        dq = _unblock(dq1, B)
+        dk, dv = _fold_keys(dk1, plan), _fold_keys(dv1, plan)
         if plan.groups:
             dk_far = torch.zeros_like(k_far)
             dv_far = torch.zeros_like(v_far)
-            for g0, g1, m, mask, _ in plan.groups:
-                dqg, dkg, dvg = _flash_bwd(
-                    d_out[:, :, g0:g1],
-                    q[:, :, g0:g1],
-                    k_far[:, :, :m],
-                    v_far[:, :, :m],
-                    out[:, :, g0:g1],
-                    lse[:, :, g0:g1],
-                    0.0,
-                    False,
-                    attn_mask=mask,
+            for g in plan.groups:
+                sl = slice(g.g0, g.g1)
+                dqg, dkg, dvg = part_backward(
+                    dos[:, :, sl],
+                    qs[:, :, sl],
+                    k_far[:, :, : g.m],
+                    v_far[:, :, : g.m],
+                    out[:, :, sl],
+                    lse[:, :, sl],
+                    g.mask,
                 )
-                dq[:, :, g0:g1] += dqg
-                dk_far[:, :, :m] += dkg
-                dv_far[:, :, :m] += dvg
-            idx = plan.far_pos[:, None, :, None].expand(B, H, plan.M, D)
-            dk.scatter_add_(2, idx, dk_far)
-            dv.scatter_add_(2, idx, dv_far)
-        return dq, dk, dv, None
+                dq[:, :, sl] += dqg
+                dk_far[:, :, : g.m] += dkg
+                dv_far[:, :, : g.m] += dvg
+            for dx, dx_far in ((dk, dk_far), (dv, dv_far)):
+                dx.transpose(1, 2).index_put_(
+                    (plan.rows, plan.far_pos), dx_far.transpose(1, 2), accumulate=True
+                )
+        return dq[:, :, :S], dk[:, :, :S], dv[:, :, :S], None
+
+
+def _unblock_lse_view(lse: torch.Tensor, bs: int) -> torch.Tensor:
+    """[B, H, Sp] (BSH storage) -> [B * Sp / bs, H, bs] view."""
+    B, H, Sp = lse.shape
+    return lse.transpose(1, 2).reshape(B * Sp // bs, bs, H).transpose(1, 2)
+
+
+def _gather_far(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """[B, H, S, D] -> [B, H, M, D] (BSHD storage): the initial keys and separators."""
+    return x.transpose(1, 2)[plan.rows, plan.far_pos].transpose(1, 2)
+
+
+def _merge(o, l1, og, lg, empty) -> None:  # noqa: ANN001
+    """Merge part (og, lg) into (o, l1) in place by log-sum-exp; rows in `empty` saw no key."""
+    lg = lg.masked_fill(empty, -math.inf)
+    merged = torch.logaddexp(l1, lg)
+    o.mul_(torch.exp(l1 - merged)[..., None].to(o.dtype))
+    o.addcmul_(og, torch.exp(lg - merged)[..., None].to(o.dtype))
+    l1.copy_(merged)
 
 
 _dropout_warned = False
@@ -309,10 +357,17 @@ def compact_kernel(
         from megatron.sepllm.kernels.dense import dense_kernel
 
         return dense_kernel(q, k, v, window=window, info=info)
-    if gqa:  # expand outside the Function: autograd sums the group gradients back
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-        v = v.repeat_interleave(H // v.shape[1], dim=1)
+    if gqa:  # expand outside the Function (BSHD layout): autograd sums the group gradients
+        k, v = _expand_kv(k, H), _expand_kv(v, H)
     plan = info.window_cache(
         ("compact", window, q.dtype, q.device), lambda: _build_plan(info, window, q.dtype)
     )
-    return _CompactAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan)
+    return _CompactAttention.apply(q, k, v, plan)
+
+
+def _expand_kv(x: torch.Tensor, H: int) -> torch.Tensor:
+    """[B, Hkv, S, D] -> [B, H, S, D] view of [B, S, H, D] storage; head h uses kv head
+    h // (H / Hkv), as repeat_interleave."""
+    B, Hkv, S, D = x.shape
+    xs = x.transpose(1, 2)[:, :, :, None].expand(B, S, Hkv, H // Hkv, D)
+    return xs.reshape(B, S, H, D).transpose(1, 2)
