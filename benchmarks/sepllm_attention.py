@@ -53,6 +53,11 @@ def shakespeare_tokens(n: int) -> tuple[list[int], list[int]]:
     return ids[:n], seps
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
     """Minimum time of each function over `rounds` interleaved rounds.
 
@@ -60,12 +65,15 @@ def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[st
     kernel to the same drift and the minimum is the least disturbed run.
     """
     for fn in fns.values():
-        fn()  # warm-up (allocations, caches, cached plans)
+        fn()  # warm-up (allocations, caches, cached plans, compilation)
+        fn()
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
@@ -102,13 +110,21 @@ def setup_time(info: SepInfo, w: int) -> dict[str, float]:
     from megatron.sepllm.info import dense_keep_mask
     from megatron.sepllm.kernels.compact import _build_plan
 
+    builders = {
+        "dense": lambda: dense_keep_mask(info, w),
+        "compact": lambda: _build_plan(info, w, torch.float32),
+    }
+    if info.device.type == "cuda":
+        from megatron.sepllm.kernels.flex import build_block_mask
+
+        builders["flex"] = lambda: build_block_mask(info, w, info.device)
     out = {}
-    for name, build in (
-        ("dense", lambda: dense_keep_mask(info, w)),
-        ("compact", lambda: _build_plan(info, w, torch.float32)),
-    ):
+    for name, build in builders.items():
+        build()  # first build compiles (flex) or warms caches
+        _sync()
         t0 = time.perf_counter()
         build()
+        _sync()
         out[name] = time.perf_counter() - t0
     return out
 
@@ -118,26 +134,34 @@ _BEST_CAUSAL: dict[int, float] = {}
 
 def bench_one(S: int, w: int, ids: list[int], seps: list[int], args) -> list[str]:
     cfg = SepLLMConfig(mode="sepllm", separator_token_ids=seps, init_tokens=args.a, local_window=w)
-    info = build_sep_info(torch.tensor([ids[:S]]), cfg)
+    dev = torch.device(args.device)
+    rows = [ids[b * S // 2 : b * S // 2 + S] for b in range(args.batch)]  # overlapping windows
+    info = build_sep_info(torch.tensor(rows, device=dev), cfg)
     kept = kept_stats(info, [w], S)[f"density/w{w}"]
     g = torch.Generator().manual_seed(0)
-    B, H, D = 1, args.heads, args.head_dim
-    q, k, v = (torch.randn(B, H, S, D, generator=g, requires_grad=True) for _ in range(3))
+    B, H, D = args.batch, args.heads, args.head_dim
+    dt = getattr(torch, args.dtype)
+    # [B, H, S, D] views of [B, S, H, D] storage: the layout the model's projections produce.
+    q, k, v = (
+        torch.randn(B, S, H, D, generator=g).to(dev, dt).transpose(1, 2).requires_grad_()
+        for _ in range(3)
+    )
     rounds = max(2, args.reps if S <= 4096 else args.reps // 2)
+    names = ["dense", "compact"] + (["flex"] if dev.type == "cuda" else [])
     fns = {"causal": fwd_bwd(get_kernel("causal"), q, k, v, w, None)}
-    fns |= {name: fwd_bwd(get_kernel(name), q, k, v, w, info) for name in ("dense", "compact")}
+    fns |= {name: fwd_bwd(get_kernel(name), q, k, v, w, info) for name in names}
     t = time_interleaved(fns, rounds)
     # causal does the same work for every w: keep the best time seen at this S (less noise).
     t["causal"] = _BEST_CAUSAL[S] = min(t["causal"], _BEST_CAUSAL.get(S, float("inf")))
     setup = setup_time(info, w)
     rows = [f"{S:>6} {w:>4} {'causal':>8} {t['causal'] * 1e3:>9.1f} {'1.000':>6} {'-':>6} {'-':>7}"]
-    for name in ("dense", "compact"):
+    for name in names:
         eff = kept * t["causal"] / t[name]
         rows.append(
             f"{S:>6} {w:>4} {name:>8} {t[name] * 1e3:>9.1f} {kept:>6.3f} {eff:>6.2f} "
-            f"{t['dense'] / t[name]:>7.2f} {setup[name] * 1e3:>8.1f}"
+            f"{t['dense'] / t[name]:>7.2f} {setup.get(name, float('nan')) * 1e3:>8.1f}"
         )
-    if args.flex and flex_available():
+    if args.flex and dev.type == "cpu" and flex_available():
         rows.append(flex_row(S, w, q, k, v, info, kept, rounds))
     return rows
 
@@ -163,15 +187,20 @@ def main() -> None:
     ap.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     ap.add_argument("--windows", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--a", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--flex", action="store_true", help="also time flex (forward only on CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (flex fwd+bwd is timed on cuda)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
-    ids, seps = shakespeare_tokens(max(args.seq))
+    ids, seps = shakespeare_tokens(max(args.seq) * (args.batch + 1) // 2)
     frac = sum(t in set(seps) for t in ids) / len(ids)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, separators {seps}")
-    print(f"separator fraction of the text: {frac:.3f}; B=1 H={args.heads} D={args.head_dim}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"torch {torch.__version__} on {where}, threads {torch.get_num_threads()}, {args.dtype}")
+    print(f"separators {seps}")
+    print(f"separator fraction: {frac:.3f}; B={args.batch} H={args.heads} D={args.head_dim}")
     print(
         f"{'S':>6} {'w':>4} {'kernel':>8} {'ms':>9} {'kept':>6} {'eff':>6} {'vs_mask':>7} "
         f"{'setup_ms':>8}"

@@ -46,18 +46,24 @@ def _flex() -> AttentionKernel | None:
 # H=4, D=64, w=16: S=128 dense 7.2 ms vs compact 15.5 ms fwd+bwd; at B=1, H=8, S=1024, w=64
 # compact is already faster, 22 vs 32 ms - docs/benchmarks.md).
 AUTO_DENSE_MAX_SEQ = 512
+# On CUDA flex wins below this length and compact from here on (H100, bf16, B=4, H=16,
+# D=128, w=64, fwd+bwd: S=4096 flex 4.6 vs compact 8.3 ms; S=8192 15.2 vs 14.9;
+# S=16384 56.4 vs 43.7 - docs/benchmarks.md).
+AUTO_CUDA_COMPACT_MIN_SEQ = 8192
 
 
 def get_kernel(
     name: str, device: torch.device | str | None = None, seq_len: int | None = None
 ) -> AttentionKernel:
-    """Return the kernel called `name`; 'auto' picks the fastest one available on `device`:
-    flex on CUDA when FlexAttention is importable, else compact (dense for short sequences)."""
+    """Return the kernel called `name`; 'auto' picks the fastest one measured on `device`:
+    on CUDA flex (when importable) below AUTO_CUDA_COMPACT_MIN_SEQ, else compact; on CPU
+    dense up to AUTO_DENSE_MAX_SEQ, else compact."""
     if name == "auto":
         dev = torch.device(device) if device is not None else torch.device("cpu")
         if dev.type != "cuda" and seq_len is not None and seq_len <= AUTO_DENSE_MAX_SEQ:
             return dense_kernel
-        if dev.type == "cuda":
+        long_seq = seq_len is not None and seq_len >= AUTO_CUDA_COMPACT_MIN_SEQ
+        if dev.type == "cuda" and not long_seq:
             flex = _flex()
             if flex is not None:
                 return flex

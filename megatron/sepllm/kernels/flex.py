@@ -26,6 +26,7 @@ from megatron.sepllm.info import SepInfo
 from megatron.sepllm.kernels.causal import causal_kernel
 
 _compiled_flex: Callable[..., Any] | None = None
+FLEX_MIN_HEAD_DIM = 16  # "NYI: embedding dimension ... must be at least 16" (torch 2.11)
 
 
 def _flex_fn(device: torch.device) -> Callable[..., Any]:
@@ -79,6 +80,10 @@ def flex_kernel(
         from megatron.sepllm.kernels.dense import dense_kernel
 
         return dense_kernel(q, k, v, window=window, info=info, dropout_p=dropout_p)
+    if q.device.type == "cuda" and q.shape[-1] < FLEX_MIN_HEAD_DIM:  # compiled flex rejects
+        from megatron.sepllm.kernels.compact import compact_kernel
+
+        return compact_kernel(q, k, v, window=window, info=info)
     block_mask = info.window_cache(
         ("flex", window, q.device), lambda: build_block_mask(info, window, q.device)
     )
