@@ -94,6 +94,7 @@ def _run(kernel_name, q, k, v, w, info, grad):  # noqa: ANN001, ANN202
 def test_kernel_matches_reference(case, kernel, monkeypatch) -> None:  # noqa: ANN001
     # Exercise the two-part compact path even where it would hand short sequences to dense.
     monkeypatch.setattr(compact_mod, "DENSE_BELOW_WINDOW_RATIO", 0)
+    monkeypatch.setattr(compact_mod, "SEP_QUERY_GROUP", 32)  # several separator-part groups
     if kernel == "compact-math":  # the explicit-matmul backend (non-CPU, non-CUDA devices)
         monkeypatch.setattr(parts_mod, "BACKEND_OVERRIDE", "math")
     B, H, Hkv, S, D, w, a, kind = case
@@ -230,6 +231,7 @@ def test_kernels_on_cuda(case, kernel, monkeypatch) -> None:  # noqa: ANN001
     """Forward and backward on the GPU (memory-efficient part op, explicit-matmul parts,
     compiled FlexAttention, mask reference) against the fp64 CPU reference."""
     monkeypatch.setattr(compact_mod, "DENSE_BELOW_WINDOW_RATIO", 0)
+    monkeypatch.setattr(compact_mod, "SEP_QUERY_GROUP", 32)
     if kernel == "compact-math":
         monkeypatch.setattr(parts_mod, "BACKEND_OVERRIDE", "math")
     B, H, Hkv, S, D, w, a, kind = case

@@ -36,12 +36,12 @@ from megatron.sepllm.info import SepInfo
 from megatron.sepllm.kernels.causal import causal_kernel
 from megatron.sepllm.kernels.parts import part_backward, part_forward
 
-# Query group of the separator part: large enough for efficient tiles and few ops (each op is
-# a parallel region; on a busy 2-core machine every region costs a scheduling delay), small
-# enough that the causal tiling wastes little (about G * M / 2 pairs in total). At most
-# SEP_MAX_GROUPS groups, at least SEP_QUERY_GROUP queries each.
-SEP_QUERY_GROUP = 256
-SEP_MAX_GROUPS = 8
+# Query group of the separator part. torch's CPU flash op tiles queries by 256 only when a call
+# has >= 768 queries (else by 64 or 32, measured ~10% slower per pair here), so groups hold at
+# least SEP_QUERY_GROUP queries; the causal tiling wastes about G * M / 2 pairs in total, and
+# each group is one op call (a parallel region), so at most SEP_MAX_GROUPS groups.
+SEP_QUERY_GROUP = 768
+SEP_MAX_GROUPS = 16
 # Short sequences relative to the window (S <= 4 w, and small enough for an S x S mask) go to
 # the dense-mask path: the window part would compute nearly all causal pairs anyway.
 DENSE_BELOW_WINDOW_RATIO = 4
@@ -68,6 +68,7 @@ class _Plan:
     mask1: torch.Tensor  # [B * C, 1, bs, (nb+1)*bs] additive 0 / -inf
     far_pos: torch.Tensor | None  # [B, M] long: initial keys then separators, clamped to S - 1
     rows: torch.Tensor | None  # [B, 1] long: batch index for gathering far_pos
+    far_flat: torch.Tensor | None  # [B * M] long: row * Sp + far_pos (flat scatter index)
     groups: list[_FarGroup]
     M: int  # width of the compact far keys actually used (max over groups)
 
@@ -155,8 +156,11 @@ def _build_plan(info: SepInfo, window: int, dtype: torch.dtype) -> _Plan:
     C = -(-S // bs)
     mask1 = _local_mask(window, B, bs, nb, C, dtype, info.device)
     far_pos, groups, M = _far_groups(info, window, dtype)
-    rows = torch.arange(B, device=info.device)[:, None] if groups else None
-    return _Plan(bs, nb, C, B, mask1, far_pos, rows, groups, M)
+    rows = far_flat = None
+    if groups:
+        rows = torch.arange(B, device=info.device)[:, None]
+        far_flat = (rows * (C * bs) + far_pos).reshape(-1)
+    return _Plan(bs, nb, C, B, mask1, far_pos, rows, far_flat, groups, M)
 
 
 # Layout. Every tensor the kernel touches is a [B, H, S, D] view of [B, S, H, D] storage (the
@@ -296,9 +300,9 @@ class _CompactAttention(torch.autograd.Function):
                 dk_far[:, :, : g.m] += dkg
                 dv_far[:, :, : g.m] += dvg
             for dx, dx_far in ((dk, dk_far), (dv, dv_far)):
-                dx.transpose(1, 2).index_put_(
-                    (plan.rows, plan.far_pos), dx_far.transpose(1, 2), accumulate=True
-                )
+                # index_add_ over flat rows: parallel on CPU (index_put_ accumulate is serial)
+                flat = dx.transpose(1, 2).view(B * plan.Sp, H, D)
+                flat.index_add_(0, plan.far_flat, dx_far.transpose(1, 2).reshape(-1, H, D))
         return dq[:, :, :S], dk[:, :, :S], dv[:, :, :S], None
 
 
