@@ -28,6 +28,7 @@ from megatron.sepllm.info import SepInfo, build_sep_info
 from megatron.sepllm.kernels import get_kernel
 from megatron.sepllm.separators import GPT2_PAT, default_tiktoken_file, separator_ids_for_file
 from megatron.sepllm.stats import kept_stats
+from megatron.training.host_memory import tune_host_allocator
 
 
 def shakespeare_tokens(n: int) -> tuple[list[int], list[int]]:
@@ -195,11 +196,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (flex fwd+bwd is timed on cuda)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
+    # The trainer keeps freed host memory in-process (megatron/training/host_memory.py); time
+    # the kernels under the same allocator settings (applies to every kernel alike).
+    tuned = tune_host_allocator()
     ids, seps = shakespeare_tokens(max(args.seq) * (args.batch + 1) // 2)
     frac = sum(t in set(seps) for t in ids) / len(ids)
     where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"torch {torch.__version__} on {where}, threads {torch.get_num_threads()}, {args.dtype}")
-    print(f"separators {seps}")
+    print(f"separators {seps}; host allocator tuning: {tuned}")
     print(f"separator fraction: {frac:.3f}; B={args.batch} H={args.heads} D={args.head_dim}")
     print(
         f"{'S':>6} {'w':>4} {'kernel':>8} {'ms':>9} {'kept':>6} {'eff':>6} {'vs_mask':>7} "

@@ -76,6 +76,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from megatron.training.host_memory import tune_host_allocator  # noqa: PLC0415
+
+    tune_host_allocator()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.config_b64:
         sources, raw = decode_sources(args.config_b64)
