@@ -52,8 +52,24 @@ def init_distributed(launcher: LauncherConfig | None = None) -> tuple[int, int, 
     else:
         device, backend = torch.device("cpu"), "gloo"
         _limit_cpu_threads()
+        _skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce op.
+
+    The op only serves `inference_all_reduce`, which training never calls, yet every CPU rank
+    JIT-compiles it (about a minute on first use) and each rank leaves a ~67 MB
+    /dev/shm/deepspeed_allreduce_buffer_* behind per rendezvous port (tens of GB after many
+    runs). DeepSpeed consults `deepspeed.ops.__compatible_ops__` before loading it.
+    """
+    import deepspeed.ops  # noqa: PLC0415
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 def _limit_cpu_threads() -> None:

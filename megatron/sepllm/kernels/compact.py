@@ -67,7 +67,6 @@ class _Plan:
     B: int
     mask1: torch.Tensor  # [B * C, 1, bs, (nb+1)*bs] additive 0 / -inf
     far_pos: torch.Tensor | None  # [B, M] long: initial keys then separators, clamped to S - 1
-    rows: torch.Tensor | None  # [B, 1] long: batch index for gathering far_pos
     far_flat: torch.Tensor | None  # [B * M] long: row * Sp + far_pos (flat scatter index)
     groups: list[_FarGroup]
     M: int  # width of the compact far keys actually used (max over groups)
@@ -156,11 +155,11 @@ def _build_plan(info: SepInfo, window: int, dtype: torch.dtype) -> _Plan:
     C = -(-S // bs)
     mask1 = _local_mask(window, B, bs, nb, C, dtype, info.device)
     far_pos, groups, M = _far_groups(info, window, dtype)
-    rows = far_flat = None
+    far_flat = None
     if groups:
         rows = torch.arange(B, device=info.device)[:, None]
         far_flat = (rows * (C * bs) + far_pos).reshape(-1)
-    return _Plan(bs, nb, C, B, mask1, far_pos, rows, far_flat, groups, M)
+    return _Plan(bs, nb, C, B, mask1, far_pos, far_flat, groups, M)
 
 
 # Layout. Every tensor the kernel touches is a [B, H, S, D] view of [B, S, H, D] storage (the
@@ -254,7 +253,7 @@ class _CompactAttention(torch.autograd.Function):
         lse = _unblock(l1, B)  # [B, H, Sp] float32
         k_far = v_far = None
         if plan.groups:
-            k_far, v_far = _gather_far(k, plan), _gather_far(v, plan)  # [B, H, M, D]
+            k_far, v_far = _gather_far(kp, plan), _gather_far(vp, plan)  # [B, H, M, D]
             for g in plan.groups:
                 og, lg = part_forward(
                     qs[:, :, g.g0 : g.g1], k_far[:, :, : g.m], v_far[:, :, : g.m], g.mask
@@ -312,17 +311,20 @@ def _unblock_lse_view(lse: torch.Tensor, bs: int) -> torch.Tensor:
     return lse.transpose(1, 2).reshape(B * Sp // bs, bs, H).transpose(1, 2)
 
 
-def _gather_far(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """[B, H, S, D] -> [B, H, M, D] (BSHD storage): the initial keys and separators."""
-    return x.transpose(1, 2)[plan.rows, plan.far_pos].transpose(1, 2)
+def _gather_far(flat: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Padded flat keys [nb*bs + B*Sp, H, D] -> [B, H, M, D] (BSHD storage): the initial keys
+    and separators (one index_select over rows; advanced indexing is ~3x slower on CPU)."""
+    _, H, D = flat.shape
+    rows = flat.index_select(0, plan.far_flat + plan.nb * plan.bs)  # [B * M, H, D]
+    return rows.view(plan.B, plan.M, H, D).transpose(1, 2)
 
 
 def _merge(o, l1, og, lg, empty) -> None:  # noqa: ANN001
     """Merge part (og, lg) into (o, l1) in place by log-sum-exp; rows in `empty` saw no key."""
-    lg = lg.masked_fill(empty, -math.inf)
+    lg = lg.masked_fill_(empty, -math.inf)  # the op's own output: safe to overwrite
     merged = torch.logaddexp(l1, lg)
-    o.mul_(torch.exp(l1 - merged)[..., None].to(o.dtype))
-    o.addcmul_(og, torch.exp(lg - merged)[..., None].to(o.dtype))
+    o.mul_(l1.sub_(merged).exp_()[..., None].to(o.dtype))
+    o.addcmul_(og, lg.sub_(merged).exp_()[..., None].to(o.dtype))
     l1.copy_(merged)
 
 
