@@ -132,7 +132,8 @@ def _far_groups(info: SepInfo, window: int, dtype: torch.dtype):
     pos = _far_keys(info)  # [B, Mt], sorted, padded with S
     if pos.shape[1] == 0:
         return None, groups, 0
-    G = max(SEP_QUERY_GROUP, -(-S // SEP_MAX_GROUPS))
+    n_groups = max(1, min(SEP_MAX_GROUPS, S // SEP_QUERY_GROUP))
+    G = -(-S // n_groups)  # equal groups, each >= SEP_QUERY_GROUP queries when S allows
     limits = (torch.arange(G - 1, S + G - 1, G).clamp(max=S - 1) - window).to(dev)
     limits = limits[None, :].expand(pos.shape[0], -1).contiguous()
     widths = torch.searchsorted(pos, limits, right=True).max(dim=0).values.tolist()
