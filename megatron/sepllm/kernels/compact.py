@@ -6,19 +6,24 @@ The kept keys of query i split into two disjoint parts:
   far    = initial keys and separators with j <= i - w (initial keys come before every
            separator, so one sorted compact list [B, a + M] holds both)
 
-The window part is block-local: queries are cut into blocks of `bs`; block c attends to its own
-block and the `nb = ceil((w-1)/bs)` blocks before it, all in one batched flash call
-([C, H, bs, (nb+1)*bs] tiles). Its keys are an overlapping as_strided view of the zero-padded
-K / V (no gathered copy), and its queries a strided view of Q. The far part runs over the
-compact [B, H, a + M, D] keys with a causal tiling: query group g only sees the far keys that
-are at least w before its last query, so the cost is about half the S x M rectangle.
+Layout: every tensor is a [B, H, S, D] view of [B, S, H, D] storage, the projections' output
+layout and the one torch's CPU flash op works in, so most views below cost no copy.
 
-The two parts are merged by log-sum-exp. The gradient is exact with one trick: the flash
-backward of each part is called with the *merged* output and log-sum-exp, so each part's
-probabilities are its share of the global softmax (as in ring attention). The CPU flash op's
-logsumexp has no autograd, hence the custom autograd.Function (over q, k, v directly, so
-no autograd graph of gathers / pads / cats; the window-part key gradients are folded back from
-the overlapping blocks with nb adds).
+The window part is block-local: queries are cut into blocks of `bs`; block n attends to its own
+block and the `nb = ceil((w-1)/bs)` blocks before it. All rows go through one part call of
+[B*C, H, bs, (nb+1)*bs] tiles: the queries are a view of Q, the keys an overlapping as_strided
+view of one flat zero-led copy of K / V (a block's slots before its row's start hold the
+previous row's keys, masked). The far part runs over the compact [B, H, a + M, D] keys with a
+causal tiling: query group g only sees the far keys at least w before its last query, so the
+cost is about half the S x M rectangle plus G * M / 2.
+
+The parts are merged by log-sum-exp. The gradient is exact with one trick: each part's
+backward is called with the *merged* output and log-sum-exp, so each part's probabilities are
+its share of the global softmax (as in ring attention). The fused ops' log-sum-exp has no
+autograd, hence the custom autograd.Function over q, k, v (no autograd graph of gathers / pads);
+window-part key gradients are folded back from the overlapping tiles with nb adds, far-key
+gradients scattered with one index_add_. The per-part ops are device backends (parts.py): the
+CPU flash op, CUDA's memory-efficient op, or explicit matmuls.
 
 Cost grows with the pairs computed: S * (nb+1) * bs + about S * M / 2, against kept
 pairs of about S * (a + w) + S * M / 2 and S^2 / 2 for causal attention.
