@@ -87,7 +87,7 @@ def step_losses(path: Path) -> dict[int, float]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """DeepSpeed's CPU shm comm op leaves a /dev/shm buffer per rank and port (tens of MB
-    each); remove those the test runs created so repeated runs do not fill memory."""
+    """Belt and braces: DeepSpeed's CPU shm comm op (disabled in init_distributed) leaves a
+    /dev/shm buffer per rank and port (tens of MB each); remove any so runs never pile up."""
     for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         path.unlink(missing_ok=True)
