@@ -136,3 +136,40 @@ def test_hf_tokenizer_json(tmp_path) -> None:  # noqa: ANN001
     # Same ordering rule as GPT-NeoX-20B: printable bytes first, after the 2 special tokens.
     assert [t.id for t in found[:6]] == [15, 13, 32, 2, 28, 27]
     assert [t.text for t in found] == [".", ",", "?", "!", ";", ":", " ", "\t", "\n"]
+
+
+def test_neox20b_layout_gives_the_pythia_list(tmp_path) -> None:  # noqa: ANN001
+    """A byte-level tokenizer.json laid out like GPT-NeoX-20B's (2 specials, then the printable
+    bytes, with tab / newline / space at ids 186 / 187 / 209) gives the reference notes' Pythia
+    list: the ids come from the file's vocabulary, not from assumptions."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    printable = sorted(c for c in alphabet if 33 <= ord(c) <= 126)  # ids 2..95, as in NeoX
+    rest = sorted(c for c in alphabet if not 33 <= ord(c) <= 126)
+    byte_char = {b: c for b, c in enumerate(_gpt2_byte_chars())}
+    pinned = {byte_char[9]: 186, byte_char[10]: 187, byte_char[32]: 209}
+    vocab = {"<|endoftext|>": 0, "<|padding|>": 1}
+    vocab |= {c: 2 + i for i, c in enumerate(printable)}
+    free = iter(i for i in range(96, 96 + len(rest)) if i not in pinned.values())
+    vocab |= {c: pinned[c] if c in pinned else next(free) for c in rest}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    path = os.path.join(tmp_path, "tokenizer.json")
+    tok.save(path)
+    assert [t.id for t in separator_ids_for_file(path)] == [15, 13, 32, 2, 28, 27, 209, 186, 187]
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """GPT-2's byte -> printable-character map (bytes outside the printable ranges -> 256 + n)."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, n = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + n))
+            n += 1
+    return chars
