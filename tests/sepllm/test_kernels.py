@@ -89,9 +89,9 @@ def _run(kernel_name, q, k, v, w, info, grad):  # noqa: ANN001, ANN202
     return out.detach(), q.grad, k.grad, v.grad
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[-1]}-S{c[3]}-w{c[5]}-a{c[6]}" for c in CASES])
-@pytest.mark.parametrize("kernel", ["dense", "compact", "compact-bshd", "compact-math"])
-def test_kernel_matches_reference(case, kernel, monkeypatch) -> None:  # noqa: ANN001
+def _prepare(case, kernel, monkeypatch):  # noqa: ANN001, ANN202
+    """Kernel switches for `kernel`, the case's ids / config and inputs, and the fp64
+    reference (out, dq, dk, dv) of the loop-built kept mask."""
     # Exercise the two-part compact path even where it would hand short sequences to dense.
     monkeypatch.setattr(compact_mod, "DENSE_BELOW_WINDOW_RATIO", 0)
     monkeypatch.setattr(compact_mod, "SEP_QUERY_GROUP", 32)  # several separator-part groups
@@ -101,33 +101,35 @@ def test_kernel_matches_reference(case, kernel, monkeypatch) -> None:  # noqa: A
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     ids, padded = make_ids(B, S, kind, gen)
     seps = [] if kind == "none" else [SEP, PAD]  # the pad id is a separator id too (GPT-2 "!")
-    mode = "streamingllm" if kind == "none" else "sepllm"
     cfg = SepLLMConfig(
-        mode=mode,
+        mode="streamingllm" if kind == "none" else "sepllm",
         separator_token_ids=seps,
         init_tokens=a,
         local_window=w,
         pad_token_id=PAD,
         batch_adaptive_init_pos=padded,
     )
-    info = build_sep_info(ids, cfg)
     keep = reference_keep(ids, seps, a, w, padded)
     q = torch.randn(B, H, S, D, generator=gen)
     k = torch.randn(B, Hkv, S, D, generator=gen)
     v = torch.randn(B, Hkv, S, D, generator=gen)
     grad = torch.randn(B, H, S, D, generator=gen)
-
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     ref = reference_attention(qr, kr, vr, keep)
     ref.backward(grad)
+    return ids, cfg, (q, k, v, grad), (ref.detach(), qr.grad, kr.grad, vr.grad)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[-1]}-S{c[3]}-w{c[5]}-a{c[6]}" for c in CASES])
+@pytest.mark.parametrize("kernel", ["dense", "compact", "compact-bshd", "compact-math"])
+def test_kernel_matches_reference(case, kernel, monkeypatch) -> None:  # noqa: ANN001
+    ids, cfg, (q, k, v, grad), expected = _prepare(case, kernel, monkeypatch)
+    info = build_sep_info(ids, cfg)
     if kernel == "compact-bshd":  # [B, H, S, D] views of [B, S, H, D] storage, as in the model
         q, k, v, grad = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, grad))
-    out, dq, dk, dv = _run(kernel.split("-")[0], q, k, v, w, info, grad)
-    tol = {"atol": 1e-5, "rtol": 1e-5}
-    torch.testing.assert_close(out, ref.detach(), **tol)
-    torch.testing.assert_close(dq, qr.grad, **tol)
-    torch.testing.assert_close(dk, kr.grad, **tol)
-    torch.testing.assert_close(dv, vr.grad, **tol)
+    got = _run(kernel.split("-")[0], q, k, v, cfg.local_window, info, grad)
+    for x, y in zip(got, expected, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
 def test_compact_plan_is_shared_across_layers() -> None:
@@ -230,31 +232,9 @@ CUDA_CASES = [c for c in CASES if c[3] >= 60]
 def test_kernels_on_cuda(case, kernel, monkeypatch) -> None:  # noqa: ANN001
     """Forward and backward on the GPU (memory-efficient part op, explicit-matmul parts,
     compiled FlexAttention, mask reference) against the fp64 CPU reference."""
-    monkeypatch.setattr(compact_mod, "DENSE_BELOW_WINDOW_RATIO", 0)
-    monkeypatch.setattr(compact_mod, "SEP_QUERY_GROUP", 32)
-    if kernel == "compact-math":
-        monkeypatch.setattr(parts_mod, "BACKEND_OVERRIDE", "math")
-    B, H, Hkv, S, D, w, a, kind = case
-    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
-    ids, padded = make_ids(B, S, kind, gen)
-    seps = [] if kind == "none" else [SEP, PAD]
-    cfg = SepLLMConfig(
-        mode="streamingllm" if kind == "none" else "sepllm",
-        separator_token_ids=seps,
-        init_tokens=a,
-        local_window=w,
-        pad_token_id=PAD,
-        batch_adaptive_init_pos=padded,
-    )
-    keep = reference_keep(ids, seps, a, w, padded)
-    q = torch.randn(B, H, S, D, generator=gen)
-    k, v = (torch.randn(B, Hkv, S, D, generator=gen) for _ in range(2))
-    grad = torch.randn(B, H, S, D, generator=gen)
-    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-    ref = reference_attention(qr, kr, vr, keep)
-    ref.backward(grad)
+    ids, cfg, inputs, expected = _prepare(case, kernel, monkeypatch)
+    q, k, v, grad = (t.cuda() for t in inputs)
     info = build_sep_info(ids.cuda(), cfg)
-    got = _run(kernel.split("-")[0], *(t.cuda() for t in (q, k, v)), w, info, grad.cuda())
-    tol = {"atol": 2e-5, "rtol": 2e-5}
-    for x, y in zip(got, (ref.detach(), qr.grad, kr.grad, vr.grad), strict=True):
-        torch.testing.assert_close(x.cpu(), y, **tol)
+    got = _run(kernel.split("-")[0], q, k, v, cfg.local_window, info, grad)
+    for x, y in zip(got, expected, strict=True):
+        torch.testing.assert_close(x.cpu(), y, atol=2e-5, rtol=2e-5)
