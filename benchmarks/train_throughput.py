@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from megatron.config.loader import load_config
 from megatron.config.validate import finalize
+from megatron.data.bundled import prepare_bundled_data
 from megatron.data.tokenizers import build_tokenizer
 from megatron.hf.adapters import family, hf_config
 from megatron.parallel.topology import build_parallelism
 from megatron.training.distributed import init_distributed
-from megatron.training.main import prepare_bundled_data
 from megatron.training.optimizer import param_groups
 from megatron.training.setup import Datasets, sample_counts
 from megatron.training.trainer import Trainer

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from megatron.config.schema import SECTIONS, Config
+from megatron.sepllm.aliases import SEPLLM_ALIASES, apply_sepllm_aliases, lookup_alias
 
 
 class ConfigError(ValueError):
@@ -89,8 +90,6 @@ NEOX_ALIASES: dict[str, Callable[[Any], dict[str, Any]]] = {
 
 
 def _aliases() -> dict[str, Callable[[Any], dict[str, Any]]]:
-    from megatron.sepllm.aliases import SEPLLM_ALIASES  # noqa: PLC0415 - avoids an import cycle
-
     return {**NEOX_ALIASES, **SEPLLM_ALIASES}
 
 
@@ -133,8 +132,6 @@ def _translate_sepllm(
 ) -> list[tuple[str, Any, str, str | None]]:
     """Original SepLLM keys are translated together: some only mean something in combination
     (both mode flags false = SepLLM mode; per-layer lists ignored unless their flag is on)."""
-    from megatron.sepllm.aliases import apply_sepllm_aliases, lookup_alias  # noqa: PLC0415
-
     originals = {k: v for k, v, _, sec in items if sec in (None, "sepllm") and lookup_alias(k)}
     if not originals:
         return items

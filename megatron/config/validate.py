@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+from megatron.config.launcher import validate_launcher
 from megatron.config.loader import ConfigError
 from megatron.config.schema import Config, DerivedConfig, ModelConfig, TrainingConfig
-from megatron.launch.checks import validate_launcher
+from megatron.sepllm.validate import validate_sepllm
 
 CHOICES = {
     "activation": ("gelu", "swiglu"),
@@ -159,8 +160,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 
 def _sepllm_errors(cfg: Config) -> list[str]:
-    from megatron.sepllm.validate import validate_sepllm  # noqa: PLC0415
-
     return validate_sepllm(cfg.sepllm, cfg.model.num_layers, cfg.model.seq_length)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from megatron.config.loader import ConfigError
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, dataset_exists
 from megatron.data.tokenizer_training import train_bpe
 from megatron.data.tokenizers import HFTokenizer
@@ -166,3 +167,12 @@ def prepare_data(cfg: Any, vocab_size: int = 8192) -> Any:
     if not cfg.vocab_file:
         cfg.tokenizer_type, cfg.vocab_file = "HFTokenizer", tok
     return cfg
+
+
+def prepare_bundled_data(cfg: Any) -> None:
+    """Build the bundled corpus named by `cfg.data.prepare_data` (if missing) and point the
+    config at it; a bad corpus name is a ConfigError."""
+    try:
+        prepare_data(cfg.data)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron.config.launcher import MPI_LAUNCHERS, validate_launcher
 from megatron.config.loader import ConfigError, build_config, merge_sources
 from megatron.config.schema import Config, LauncherConfig
+from megatron.config.sources import encode_sources, gather_sources
 from megatron.config.validate import validate
+from megatron.data.bundled import prepare_bundled_data
 from megatron.launch import hosts, slurm
-from megatron.launch.checks import MPI_LAUNCHERS, validate_launcher
-from megatron.training.main import encode_sources, gather_sources, prepare_bundled_data
 
 log = logging.getLogger("megatron")
 

@@ -3,7 +3,7 @@
 The model is built from three kinds of pieces - `Embedding`, `Block`, `OutputHead` - plus a
 per-batch `BatchContext` (rotary tables and the SepLLM kept-set description) computed once from
 the token ids. `GPTModel` chains them on one device; the pipeline builder
-(`megatron/parallel/pipeline.py`) places the same pieces on stages.
+(`megatron/training/pipeline.py`) places the same pieces on stages.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from megatron.config.schema import SepLLMConfig
+from megatron.sepllm.config import SepLLMConfig
 
 
 @dataclass

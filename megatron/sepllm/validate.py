@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron.config.schema import SepLLMConfig
+from megatron.sepllm.config import SepLLMConfig
 
 MODES = ("full", "sepllm", "streamingllm")
 KERNELS = ("auto", "dense", "compact", "flex", "causal")

@@ -3,63 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from megatron.config.loader import ConfigError, build_config, merge_sources, read_yaml
+from megatron.config.loader import build_config, merge_sources
 from megatron.config.schema import Config
+from megatron.config.sources import decode_sources, gather_sources
 from megatron.config.validate import finalize
+from megatron.data.bundled import prepare_bundled_data
 
 log = logging.getLogger("megatron")
-
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """--set key=value pairs; values are parsed as YAML scalars (numbers, booleans, lists)."""
-    import yaml  # noqa: PLC0415
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key] = yaml.safe_load(value)
-    return out
-
-
-def encode_sources(sources: list[tuple[str, dict]], raw: dict[str, str]) -> str:
-    payload = json.dumps({"sources": sources, "raw": raw})
-    return base64.urlsafe_b64encode(payload.encode()).decode()
-
-
-def decode_sources(blob: str) -> tuple[list[tuple[str, dict]], dict[str, str]]:
-    payload = json.loads(base64.urlsafe_b64decode(blob.encode()).decode())
-    return [tuple(s) for s in payload["sources"]], payload["raw"]
-
-
-def gather_sources(
-    paths: list[str], overrides: list[str]
-) -> tuple[list[tuple[str, dict]], dict[str, str]]:
-    sources: list[tuple[str, dict]] = [(p, read_yaml(p)) for p in paths]
-    raw = {p: Path(p).read_text() for p in paths}
-    if overrides:
-        sources.append(("overrides", parse_set(overrides)))
-    return sources, raw
-
-
-def prepare_bundled_data(cfg: Config) -> None:
-    """Build the bundled corpus named by `prepare_data` (if missing) and point the config at it."""
-    from megatron.data.bundled import prepare_data  # noqa: PLC0415
-
-    try:
-        prepare_data(cfg.data)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

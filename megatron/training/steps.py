@@ -123,8 +123,8 @@ class PipelineSteps:
     """Pipeline parallel: DeepSpeed's 1F1B schedule over one global batch per call."""
 
     def __init__(self, cfg: Config, par: Parallelism, eod: int | None) -> None:
-        from megatron.parallel.pipeline import build_pipeline, load_from_full  # noqa: PLC0415
         from megatron.parallel.sharding import shard_state  # noqa: PLC0415
+        from megatron.training.pipeline import build_pipeline, load_from_full  # noqa: PLC0415
 
         self.cfg, self.par, self.eod = cfg, par, eod
         full = build_model(cfg)  # same seed everywhere: every layout starts identical

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from megatron.config.schema import Config
-from megatron.parallel.pipeline import pipe_key
 from megatron.parallel.sharding import shard, unshard
 from megatron.parallel.topology import Parallelism
+from megatron.training.pipeline import pipe_key
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 

@@ -11,8 +11,8 @@ import yaml
 
 from megatron.config import ConfigError
 from megatron.config.schema import LauncherConfig
+from megatron.config.sources import decode_sources
 from megatron.launch import deepy, hosts
-from megatron.training.main import decode_sources
 from tests.conftest import run_cli
 
 TRAIN = {

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from megatron.config import ConfigError, validate
+from megatron.config.launcher import validate_launcher
 from megatron.config.loader import build_config, merge_sources
 from megatron.config.schema import LauncherConfig
 from megatron.launch import mpi, slurm
-from megatron.launch.checks import validate_launcher
 from megatron.launch.environment import map_scheduler_env
 
 

@@ -1,4 +1,4 @@
-"""Launcher-section validation: pure config checks, run by megatron.config.validate.validate().
+"""Launcher-section validation: pure config checks, run by validate() in megatron.config.validate.
 
 Every rank validates too, so nothing here may read files or the environment (a compute node
 need not have the hostfile); deepy.py checks the hostfile and installed programs itself.

@@ -1,0 +1,47 @@
+"""The `sepllm` config section: which (query, key) pairs attention keeps.
+
+It lives in the sepllm package, which depends on nothing else of ours, so the kernels and the
+kept-set builder take it without importing the config package; megatron.config.schema
+re-exports it as one section of the tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SepLLMMode = Literal["full", "sepllm", "streamingllm"]
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SepLLMConfig:
+    mode: SepLLMMode = _f(
+        "full", "Attention pattern: full (dense causal), sepllm, or streamingllm (no separators)."
+    )
+    separator_token_ids: list[int] = _f(
+        [], "Token ids treated as separators (tools/sepllm/separator_ids.py derives them)."
+    )
+    init_tokens: int = _f(4, "a: number of initial (sink) tokens always kept.")
+    local_window: int = _f(256, "w: local window including the diagonal.")
+    local_window_per_layer: list[int] | None = _f(
+        None, "Per-layer windows (length num_layers); a window >= seq_length = full attention."
+    )
+    generate_window: int = _f(256, "Local window used when decoding with the mask-only path.")
+    generate_window_per_layer: list[int] | None = _f(None, "Per-layer decode windows.")
+    pad_token_id: int = _f(0, "Padding id, used to find the first real token of each row.")
+    batch_adaptive_init_pos: bool = _f(
+        False, "Initial tokens are the first `a` non-pad tokens of each row (left padding)."
+    )
+    attention_kernel: str = _f(
+        "auto",
+        "Inner attention kernel: auto (fastest measured for the device and length), dense (mask "
+        "reference), compact, flex.",
+    )
+    print_kv_ratio: bool = _f(False, "Log kept-KV ratio and attention density.")
+    print_ratio_intervals: int = _f(100, "Steps between kept-ratio log lines.")
