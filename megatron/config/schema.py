@@ -8,6 +8,7 @@ Each field's ``metadata["help"]`` feeds the generated key reference (``docs/conf
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,42 @@ class ModelConfig:
     use_bias_in_norms: bool = _f(True, "Bias in LayerNorm (ignored by RMSNorm).")
     attention_dropout: float = _f(0.0, "Dropout on attention probabilities (dense kernels only).")
     hidden_dropout: float = _f(0.0, "Dropout on residual branches.")
+
+    # Values derived from this section alone: read these, never recompute them.
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        """Leading dims of each head that get rotary (0 without rotary)."""
+        return int(self.head_dim * self.rotary_pct) if self.pos_emb == "rotary" else 0
+
+    @property
+    def ffn_size(self) -> int:
+        """Width of one MLP up projection (the Llama rule for swiglu, 4 x hidden for gelu)."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        if self.activation == "swiglu":
+            return 256 * math.ceil(8 * self.hidden_size / 3 / 256)
+        return 4 * self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        """Output widths of the fused projection's parts: q (H*D), k (Hkv*D), v (Hkv*D)."""
+        return (
+            self.num_attention_heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+        )
 
 
 @dataclass

@@ -37,7 +37,7 @@ def validate_model(m: ModelConfig, errors: list[str]) -> None:
             f"hidden_size {m.hidden_size} is not divisible by num_attention_heads "
             f"{m.num_attention_heads}"
         )
-    kv = m.num_kv_heads or m.num_attention_heads
+    kv = m.kv_heads
     if kv < 1 or m.num_attention_heads % kv:
         errors.append(
             f"num_attention_heads {m.num_attention_heads} must be a multiple of num_kv_heads {kv}"
@@ -45,14 +45,15 @@ def validate_model(m: ModelConfig, errors: list[str]) -> None:
     if not 0.0 < m.rotary_pct <= 1.0:
         errors.append(f"rotary_pct must be in (0, 1], got {m.rotary_pct}")
     elif m.pos_emb == "rotary" and m.num_attention_heads >= 1:
-        head_dim = m.hidden_size // m.num_attention_heads
-        if int(head_dim * m.rotary_pct) % 2:
+        head_dim = m.head_dim
+        if m.rotary_dims % 2:
             errors.append(
                 f"rotary dims = head_dim {head_dim} x rotary_pct {m.rotary_pct} must be even"
             )
-    max_pos = m.max_position_embeddings or m.seq_length
-    if m.seq_length > max_pos:
-        errors.append(f"seq_length {m.seq_length} exceeds max_position_embeddings {max_pos}")
+    if m.seq_length > m.max_positions:
+        errors.append(
+            f"seq_length {m.seq_length} exceeds max_position_embeddings {m.max_positions}"
+        )
     if m.make_vocab_size_divisible_by < 1:
         errors.append("make_vocab_size_divisible_by must be >= 1")
 
@@ -99,22 +100,6 @@ def resolve_batch(t: TrainingConfig, dp: int) -> tuple[int, int, int]:
 def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
     multiple = divisible_by * tp
     return int(math.ceil(vocab_size / multiple) * multiple)
-
-
-def ffn_size(m: ModelConfig) -> int:
-    if m.intermediate_size is not None:
-        return m.intermediate_size
-    if m.activation == "swiglu":
-        return 256 * math.ceil(8 * m.hidden_size / 3 / 256)
-    return 4 * m.hidden_size
-
-
-def layer_windows(cfg: Config) -> list[int]:
-    """Per-layer SepLLM window; seq_length (= full attention) for every layer in full mode."""
-    s, n = cfg.sepllm, cfg.model.num_layers
-    if s.mode == "full":
-        return [cfg.model.seq_length] * n
-    return list(s.local_window_per_layer) if s.local_window_per_layer else [s.local_window] * n
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
@@ -176,11 +161,10 @@ def _validate_parallel(cfg: Config, world_size: int, errors: list[str]) -> None:
         return
     if p.sequence_parallel:
         errors.append("sequence_parallel is not available yet: set sequence_parallel: false")
-    kv = m.num_kv_heads or m.num_attention_heads
     for name, n in (
         ("num_attention_heads", m.num_attention_heads),
-        ("num_kv_heads", kv),
-        ("MLP width (intermediate_size)", ffn_size(m)),
+        ("num_kv_heads", m.kv_heads),
+        ("MLP width (intermediate_size)", m.ffn_size),
     ):
         if n % tp:
             errors.append(f"{name} = {n} is not divisible by model_parallel_size {tp}")
@@ -218,9 +202,9 @@ def finalize(cfg: Config, world_size: int, vocab_size: int) -> Config:
         padded_vocab_size=padded_vocab(
             vocab_size, m.make_vocab_size_divisible_by, cfg.parallel.model_parallel_size
         ),
-        kv_heads=m.num_kv_heads or m.num_attention_heads,
-        ffn_size=ffn_size(m),
-        max_positions=m.max_position_embeddings or m.seq_length,
-        windows=layer_windows(cfg),
+        kv_heads=m.kv_heads,
+        ffn_size=m.ffn_size,
+        max_positions=m.max_positions,
+        windows=cfg.sepllm.layer_windows(m.num_layers, m.seq_length),
     )
     return cfg

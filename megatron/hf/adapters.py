@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from megatron.config.schema import ModelConfig
-from megatron.config.validate import ffn_size
 
 Tensor = torch.Tensor
 EMBED, HEAD = "embedding.embed.weight", "output.head.weight"
@@ -132,8 +131,8 @@ def hf_config(m: ModelConfig, vocab_size: int) -> Any:
         hidden_size=m.hidden_size,
         num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads,
-        intermediate_size=ffn_size(m),
-        max_position_embeddings=m.max_position_embeddings or m.seq_length,
+        intermediate_size=m.ffn_size,
+        max_position_embeddings=m.max_positions,
         tie_word_embeddings=not m.no_weight_tying,
     )
     if family(m) == "neox":
@@ -151,7 +150,7 @@ def hf_config(m: ModelConfig, vocab_size: int) -> Any:
         )
     return LlamaConfig(
         **common,
-        num_key_value_heads=m.num_kv_heads or m.num_attention_heads,
+        num_key_value_heads=m.kv_heads,
         rms_norm_eps=m.layernorm_epsilon,
         attention_bias=m.use_bias_in_attn_linear,
         mlp_bias=m.use_bias_in_mlp,

@@ -17,7 +17,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron.config.schema import ModelConfig, SepLLMConfig
-from megatron.config.validate import ffn_size
 from megatron.model.attention import SelfAttention
 from megatron.model.mlp import build_mlp
 from megatron.model.norms import build_norm
@@ -43,8 +42,9 @@ class Embedding(nn.Module):
     def __init__(self, m: ModelConfig, vocab_size: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.embed = VocabParallelEmbedding(vocab_size, m.hidden_size, tp)
-        max_pos = m.max_position_embeddings or m.seq_length
-        self.pos_embed = nn.Embedding(max_pos, m.hidden_size) if m.pos_emb == "learned" else None
+        self.pos_embed = (
+            nn.Embedding(m.max_positions, m.hidden_size) if m.pos_emb == "learned" else None
+        )
         self.drop = nn.Dropout(m.hidden_dropout)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -57,19 +57,18 @@ class Embedding(nn.Module):
 class Block(nn.Module):
     def __init__(self, m: ModelConfig, sep: SepLLMConfig, window: int, tp: TensorParallel = SINGLE):
         super().__init__()
-        kv = m.num_kv_heads or m.num_attention_heads
         eps, nb = m.layernorm_epsilon, m.use_bias_in_norms
         self.ln1 = build_norm(m.norm, m.hidden_size, eps, nb)
         self.attn = SelfAttention(
             m.hidden_size,
             m.num_attention_heads,
-            kv,
+            m.kv_heads,
             m.use_bias_in_attn_linear,
             m.attention_dropout,
             tp,
         )
         self.ln2 = build_norm(m.norm, m.hidden_size, eps, nb)
-        self.mlp = build_mlp(m.activation, m.hidden_size, ffn_size(m), m.use_bias_in_mlp, tp)
+        self.mlp = build_mlp(m.activation, m.hidden_size, m.ffn_size, m.use_bias_in_mlp, tp)
         self.parallel_residual = m.gpt_j_residual
         self.drop = nn.Dropout(m.hidden_dropout)
         self.window, self.sep = window, sep
@@ -115,10 +114,8 @@ class BatchContextBuilder(nn.Module):
 
     def __init__(self, m: ModelConfig, sep: SepLLMConfig) -> None:
         super().__init__()
-        head_dim = m.hidden_size // m.num_attention_heads
-        max_pos = m.max_position_embeddings or m.seq_length
         self.rotary = (
-            RotaryEmbedding(int(head_dim * m.rotary_pct), m.rotary_emb_base, max_pos)
+            RotaryEmbedding(m.rotary_dims, m.rotary_emb_base, m.max_positions)
             if m.pos_emb == "rotary"
             else None
         )

@@ -43,9 +43,7 @@ def spec_for(name: str) -> Spec:
 
 
 def _qkv_sizes(m: ModelConfig) -> list[int]:
-    d = m.hidden_size // m.num_attention_heads
-    kv = m.num_kv_heads or m.num_attention_heads
-    return [m.num_attention_heads * d, kv * d, kv * d]
+    return list(m.qkv_sizes)
 
 
 def shard(name: str, full: torch.Tensor, m: ModelConfig, rank: int, size: int) -> torch.Tensor:

@@ -45,3 +45,11 @@ class SepLLMConfig:
     )
     print_kv_ratio: bool = _f(False, "Log kept-KV ratio and attention density.")
     print_ratio_intervals: int = _f(100, "Steps between kept-ratio log lines.")
+
+    def layer_windows(self, num_layers: int, seq_length: int) -> list[int]:
+        """Window of each layer; seq_length (= full causal attention) everywhere in mode full."""
+        if self.mode == "full":
+            return [seq_length] * num_layers
+        if self.local_window_per_layer:
+            return list(self.local_window_per_layer)
+        return [self.local_window] * num_layers
