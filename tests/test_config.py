@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from megatron.config import ConfigError, finalize, load_config, validate
-from megatron.config.loader import build_config, merge_sources
+from megatron.config.loader import build_config, config_to_dict, field_index, merge_sources
 from megatron.config.reference import render
+from megatron.config.schema import ModelConfig
 
 BASE = {
     "num_layers": 2,
@@ -156,9 +158,43 @@ def test_batch_triple_derived(given: dict, world: int, expected: tuple) -> None:
 def test_padded_vocab_and_ffn() -> None:
     cfg = finalize(cfg_from(make_vocab_size_divisible_by=64), world_size=1, vocab_size=8193)
     assert cfg.derived.padded_vocab_size == 8256
-    assert cfg.derived.ffn_size == 4 * 64
+    assert cfg.model.ffn_size == 4 * 64
     llama = finalize(cfg_from(activation="swiglu", hidden_size=256), 1, 10)
-    assert llama.derived.ffn_size == 768  # 256 * ceil(8 * 256 / 3 / 256)
+    assert llama.model.ffn_size == 768  # 256 * ceil(8 * 256 / 3 / 256)
+
+
+def test_model_config_derives_its_values() -> None:
+    m = ModelConfig(hidden_size=96, num_attention_heads=6, num_kv_heads=2, rotary_pct=0.25)
+    assert (m.head_dim, m.kv_heads, m.rotary_dims) == (16, 2, 4)
+    assert m.qkv_sizes == (96, 32, 32)
+    assert ModelConfig(num_attention_heads=4).kv_heads == 4
+    assert ModelConfig(seq_length=64).max_positions == 64
+    assert ModelConfig(seq_length=64, max_position_embeddings=256).max_positions == 256
+    assert ModelConfig(pos_emb="learned").rotary_dims == 0
+
+
+def test_run_shape_is_frozen_and_the_config_keeps_what_was_written() -> None:
+    cfg = finalize(cfg_from(train_batch_size=None, gradient_accumulation_steps=None), 2, 100)
+    assert cfg.training.train_batch_size is None  # not written back into the section
+    assert cfg.derived.global_batch == cfg.derived.micro_batch * 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.derived.global_batch = 1  # type: ignore[misc]
+    saved = config_to_dict(cfg)["training"]  # what a checkpoint's config.yml records
+    assert saved["train_batch_size"] == cfg.derived.global_batch
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("norm", "batchnorm"), ("precision", "fp8"), ("lr_decay_style", "step"), ("mode", "dense")],
+)
+def test_enumerated_keys_are_checked_from_yaml_and_in_code(key, value) -> None:
+    with pytest.raises(ConfigError, match=f"{key} = '{value}': must be one of"):
+        validate(cfg_from(**{key: value}))
+    cfg = cfg_from()
+    section = field_index()[key][0]
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(ConfigError, match=f"{key} = '{value}': must be one of"):
+        validate(cfg)
 
 
 def test_reference_doc_is_current() -> None:

@@ -6,20 +6,16 @@ need not have the hostfile); deepy.py checks the hostfile and installed programs
 
 from __future__ import annotations
 
+from megatron.config.choices import choice_errors
 from megatron.config.schema import LauncherConfig
 
-LAUNCHERS = ("pdsh", "openmpi", "mpich", "mvapich", "impi", "slurm")
 # Started through mpirun by the DeepSpeed runner, which can express neither slot ids nor
 # include/exclude for these.
 MPI_LAUNCHERS = ("openmpi", "mpich", "mvapich", "impi")
-RANK_SOURCES = ("auto", "slurm", "mpi", "none")
 
 
 def _choice_errors(lc: LauncherConfig, errors: list[str]) -> None:
-    if lc.launcher not in LAUNCHERS:
-        errors.append(f"launcher = {lc.launcher!r}: must be one of {', '.join(LAUNCHERS)}")
-    if lc.rank_source not in RANK_SOURCES:
-        errors.append(f"rank_source = {lc.rank_source!r}: must be one of {', '.join(RANK_SOURCES)}")
+    errors += choice_errors(lc)  # launcher, rank_source (deepy.py calls this on its own too)
     if lc.num_gpus is not None and lc.num_gpus < 1:
         errors.append(f"num_gpus must be >= 1 (or unset), got {lc.num_gpus}")
     if lc.num_nodes == 0 or lc.num_nodes < -1:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from megatron.config.choices import literal_values
 from megatron.config.schema import SECTIONS, Config
 from megatron.sepllm.aliases import SEPLLM_ALIASES, apply_sepllm_aliases, lookup_alias
 
@@ -166,6 +167,8 @@ def flatten(raw: dict[str, Any], source: str) -> dict[str, tuple[Any, str]]:
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
     """Check/convert a YAML value against the field's type annotation."""
+    if literal_values(annotation) is not None:
+        return value  # validate() checks enumerations, together with every other problem
     tp = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if tp in (typing.Union, types.UnionType):
@@ -260,5 +263,16 @@ def load_config(paths: list[str | Path], overrides: dict[str, Any] | None = None
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """Nested plain-dict form (YAML-serialisable), sections only."""
-    return {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}
+    """Nested plain-dict form (YAML-serialisable), sections only.
+
+    After `finalize` the training section carries the resolved batch triple (all three keys),
+    so a saved config reproduces the run's batch exactly.
+    """
+    out = {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}
+    if cfg.derived is not None:
+        out["training"].update(
+            train_micro_batch_size_per_gpu=cfg.derived.micro_batch,
+            gradient_accumulation_steps=cfg.derived.grad_accum,
+            train_batch_size=cfg.derived.global_batch,
+        )
+    return out

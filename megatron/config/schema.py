@@ -10,11 +10,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from megatron.sepllm.config import SepLLMConfig
 
 __all__ = ["SepLLMConfig"]  # re-exported: every section of Config is importable from here
+
+# Enumerated keys: validate() checks every Literal-typed field, however the config was built
+# (megatron/config/choices.py).
+Activation = Literal["gelu", "swiglu"]
+NormKind = Literal["layernorm", "rmsnorm"]
+PosEmb = Literal["rotary", "learned", "none"]
+InitMethod = Literal["small_init", "normal"]
+OutputInitMethod = Literal["wang_init", "scaled_normal", "normal"]
+OptimizerType = Literal["adamw", "adam"]
+DecayStyle = Literal["constant", "linear", "cosine"]
+Precision = Literal["fp32", "bfloat16", "fp16"]
+WandbMode = Literal["offline", "online", "disabled"]
+LauncherKind = Literal["pdsh", "openmpi", "mpich", "mvapich", "impi", "slurm"]
+RankSource = Literal["auto", "slurm", "mpi", "none"]
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -42,21 +56,21 @@ class ModelConfig:
         "it. None = 4*hidden_size for gelu, and the Llama rule 256*ceil(8*hidden/3/256) for "
         "swiglu.",
     )
-    activation: str = _f("gelu", "MLP activation: gelu (NeoX) or swiglu (Llama).")
+    activation: Activation = _f("gelu", "MLP activation: gelu (NeoX) or swiglu (Llama).")
     gpt_j_residual: bool = _f(False, "Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)).")
     no_weight_tying: bool = _f(False, "Untie the output head from the input embedding.")
     make_vocab_size_divisible_by: int = _f(128, "Pad the vocabulary to a multiple of this.")
-    init_method: str = _f("small_init", "Init of input-side weights: small_init or normal.")
-    output_layer_init_method: str = _f(
+    init_method: InitMethod = _f("small_init", "Init of input-side weights: small_init or normal.")
+    output_layer_init_method: OutputInitMethod = _f(
         "wang_init", "Init of residual-output weights: wang_init, scaled_normal or normal."
     )
     init_method_std: float = _f(0.02, "Std of the `normal` init methods.")
-    pos_emb: str = _f("rotary", "Position embedding: rotary, learned or none.")
+    pos_emb: PosEmb = _f("rotary", "Position embedding: rotary, learned or none.")
     rotary_pct: float = _f(
         1.0, "Fraction of each head's dims that get rotary (NeoX partial rotary)."
     )
     rotary_emb_base: float = _f(10000.0, "RoPE base (theta).")
-    norm: str = _f("layernorm", "layernorm (NeoX) or rmsnorm (Llama).")
+    norm: NormKind = _f("layernorm", "layernorm (NeoX) or rmsnorm (Llama).")
     layernorm_epsilon: float = _f(1e-5, "Epsilon of LayerNorm / RMSNorm.")
     use_bias_in_attn_linear: bool = _f(True, "Biases in the attention projections.")
     use_bias_in_mlp: bool = _f(True, "Biases in the MLP projections.")
@@ -103,7 +117,9 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    optimizer_type: str = _f("adamw", "adamw or adam (decoupled decay both ways, torch AdamW).")
+    optimizer_type: OptimizerType = _f(
+        "adamw", "adamw or adam (decoupled decay both ways, torch AdamW)."
+    )
     lr: float = _f(6e-4, "Peak learning rate.")
     adam_beta1: float = _f(0.9, "Adam beta1.")
     adam_beta2: float = _f(0.95, "Adam beta2.")
@@ -114,7 +130,7 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    lr_decay_style: str = _f("cosine", "constant, linear or cosine (after warmup).")
+    lr_decay_style: DecayStyle = _f("cosine", "constant, linear or cosine (after warmup).")
     lr_decay_iters: int | None = _f(None, "Decay length in iterations (None = train_iters).")
     warmup: float = _f(0.01, "Warmup as a fraction of lr_decay_iters.")
     min_lr: float = _f(0.0, "Floor of the decayed learning rate.")
@@ -128,7 +144,7 @@ class TrainingConfig:
     train_batch_size: int | None = _f(
         None, "Global batch = micro * accumulation * data-parallel size; any two give the third."
     )
-    precision: str = _f("fp32", "fp32, bfloat16 or fp16 (fp16 needs a GPU).")
+    precision: Precision = _f("fp32", "fp32, bfloat16 or fp16 (fp16 needs a GPU).")
     zero_optimization: dict = _f({"stage": 0}, "DeepSpeed zero_optimization block, passed through.")
     exit_interval: int | None = _f(
         None, "Stop (with a checkpoint) after this iteration, e.g. to fit a job time limit."
@@ -179,7 +195,7 @@ class LoggingConfig:
     eval_iters: int = _f(10, "Validation batches per evaluation.")
     use_wandb: bool = _f(False, "Log to Weights & Biases.")
     wandb_project: str = _f("sepneox", "W&B project.")
-    wandb_mode: str = _f("offline", "W&B mode: offline unless set to online.")
+    wandb_mode: WandbMode = _f("offline", "W&B mode: offline, online or disabled.")
     wandb_dir: str | None = _f(None, "W&B directory (None = save dir or ./wandb).")
     tensorboard_dir: str | None = _f(None, "TensorBoard event directory (None = off).")
     metrics_jsonl: str | None = _f(
@@ -213,7 +229,7 @@ class LauncherConfig:
         None, "Rendezvous address (node 0). None = 127.0.0.1, ssh, Slurm's first host or MPI."
     )
     master_port: int = _f(29500, "Rendezvous port.")
-    launcher: str = _f(
+    launcher: LauncherKind = _f(
         "pdsh",
         "Multi-node launcher: pdsh (ssh), openmpi, mpich, mvapich, impi (mpirun through the "
         "DeepSpeed runner) or slurm (srun inside an allocation). See docs/launch.md.",
@@ -227,7 +243,7 @@ class LauncherConfig:
         "`deepy.py ... --node-rank K` and starts its own ranks; needs master_addr.",
     )
     no_ssh: bool = _f(False, "Start only this node's ranks without pdsh/ssh (needs node_rank).")
-    rank_source: str = _f(
+    rank_source: RankSource = _f(
         "auto",
         "Where train.py finds its rank when no launcher set RANK: auto (MPI variables under "
         "mpirun; Slurm's when launcher is slurm), slurm, mpi, or none (one process).",
@@ -236,19 +252,19 @@ class LauncherConfig:
     no_ssh_check: bool = _f(False, "Skip the DeepSpeed runner's SSH check.")
 
 
-@dataclass
-class DerivedConfig:
-    world_size: int = 1
-    data_parallel_size: int = 1
-    micro_batch: int = 1
-    grad_accum: int = 1
-    global_batch: int = 1
-    vocab_size: int = 0
-    padded_vocab_size: int = 0
-    kv_heads: int = 0
-    ffn_size: int = 0
-    max_positions: int = 0
-    windows: list[int] = field(default_factory=list)
+@dataclass(frozen=True)
+class RunShape:
+    """The run's shape, computed once by `finalize` from the config, the world size and the
+    tokenizer; the config's own batch keys keep what the user wrote."""
+
+    world_size: int
+    data_parallel_size: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int  # micro_batch * grad_accum * data_parallel_size
+    vocab_size: int  # the tokenizer's
+    padded_vocab_size: int  # rows of the embedding (a multiple of divisible_by x TP)
+    windows: tuple[int, ...]  # SepLLM window of each layer (seq_length = full attention)
 
 
 @dataclass
@@ -263,8 +279,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    # Filled by finalize(); never read from YAML.
-    derived: DerivedConfig = field(default_factory=DerivedConfig)
+    # Set by finalize(); never read from YAML.
+    derived: RunShape | None = None
 
 
 SECTIONS: tuple[str, ...] = (

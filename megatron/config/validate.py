@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import math
 
+from megatron.config.choices import choice_errors
 from megatron.config.launcher import validate_launcher
 from megatron.config.loader import ConfigError
-from megatron.config.schema import Config, DerivedConfig, ModelConfig, TrainingConfig
+from megatron.config.schema import SECTIONS, Config, ModelConfig, RunShape, TrainingConfig
 from megatron.sepllm.validate import validate_sepllm
-
-CHOICES = {
-    "activation": ("gelu", "swiglu"),
-    "norm": ("layernorm", "rmsnorm"),
-    "pos_emb": ("rotary", "learned", "none"),
-    "init_method": ("small_init", "normal"),
-    "output_layer_init_method": ("wang_init", "scaled_normal", "normal"),
-    "precision": ("fp32", "bfloat16", "fp16"),
-    "lr_decay_style": ("constant", "linear", "cosine"),
-    "optimizer_type": ("adamw", "adam"),
-}
-
-
-def _check_choice(name: str, value: str, errors: list[str]) -> None:
-    if value not in CHOICES[name]:
-        errors.append(f"{name} = {value!r}: must be one of {', '.join(CHOICES[name])}")
 
 
 def validate_model(m: ModelConfig, errors: list[str]) -> None:
-    for name in ("activation", "norm", "pos_emb", "init_method", "output_layer_init_method"):
-        _check_choice(name, getattr(m, name), errors)
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         if getattr(m, name) < 1:
             errors.append(f"{name} must be >= 1, got {getattr(m, name)}")
@@ -105,11 +88,9 @@ def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Raise one ConfigError listing every problem found (not just the first)."""
     errors: list[str] = []
+    for section in SECTIONS:
+        errors += choice_errors(getattr(cfg, section))
     validate_model(cfg.model, errors)
-    for name in ("precision",):
-        _check_choice(name, getattr(cfg.training, name), errors)
-    _check_choice("lr_decay_style", cfg.schedule.lr_decay_style, errors)
-    _check_choice("optimizer_type", cfg.optimizer.optimizer_type, errors)
     if cfg.training.train_iters < 1:
         errors.append(f"train_iters must be >= 1, got {cfg.training.train_iters}")
     if not 0.0 <= cfg.schedule.warmup <= 1.0:
@@ -141,7 +122,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         except ConfigError as exc:
             errors.append(str(exc))
     if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+        unique = list(dict.fromkeys(errors))  # a section check may also run on its own
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(unique))
 
 
 def _sepllm_errors(cfg: Config) -> list[str]:
@@ -184,15 +166,13 @@ def _validate_parallel(cfg: Config, world_size: int, errors: list[str]) -> None:
 
 
 def finalize(cfg: Config, world_size: int, vocab_size: int) -> Config:
-    """Validate and compute the derived values (batch triple, padded vocab ...) exactly once."""
+    """Validate, then compute the run's shape (batch triple, padded vocab, windows) exactly
+    once into the frozen `cfg.derived`; the sections keep what the user wrote."""
     validate(cfg, world_size)
     dp = _dp_size(cfg, world_size)
     micro, accum, total = resolve_batch(cfg.training, dp)
     m = cfg.model
-    cfg.training.train_micro_batch_size_per_gpu = micro
-    cfg.training.gradient_accumulation_steps = accum
-    cfg.training.train_batch_size = total
-    cfg.derived = DerivedConfig(
+    cfg.derived = RunShape(
         world_size=world_size,
         data_parallel_size=dp,
         micro_batch=micro,
@@ -202,9 +182,6 @@ def finalize(cfg: Config, world_size: int, vocab_size: int) -> Config:
         padded_vocab_size=padded_vocab(
             vocab_size, m.make_vocab_size_divisible_by, cfg.parallel.model_parallel_size
         ),
-        kv_heads=m.kv_heads,
-        ffn_size=m.ffn_size,
-        max_positions=m.max_positions,
-        windows=cfg.sepllm.layer_windows(m.num_layers, m.seq_length),
+        windows=tuple(cfg.sepllm.layer_windows(m.num_layers, m.seq_length)),
     )
     return cfg
