@@ -18,22 +18,18 @@ import time
 
 import torch
 import torch.nn.functional as F
+from transformers import GPTNeoXForCausalLM, LlamaForCausalLM
 
 from megatron.config.loader import load_config
-from megatron.config.validate import finalize
 from megatron.data.bundled import prepare_bundled_data
-from megatron.data.tokenizers import build_tokenizer
 from megatron.hf.adapters import family, hf_config
-from megatron.parallel.topology import build_parallelism
 from megatron.training.distributed import init_distributed
 from megatron.training.optimizer import param_groups
-from megatron.training.setup import Datasets, sample_counts
+from megatron.training.run import build_run
 from megatron.training.trainer import Trainer
 
 
 def build_trainer(paths: list[str], steps: int) -> Trainer:
-    from megatron.data.builder import build_train_valid_test_datasets  # noqa: PLC0415
-
     cfg = load_config(
         paths,
         overrides={
@@ -46,13 +42,7 @@ def build_trainer(paths: list[str], steps: int) -> Trainer:
     )
     prepare_bundled_data(cfg)
     rank, world, device = init_distributed(cfg.launcher)
-    tok = build_tokenizer(cfg.data)
-    finalize(cfg, world, tok.vocab_size)
-    train, _, _ = build_train_valid_test_datasets(
-        cfg.data, cfg.model.seq_length, cfg.training.seed, sample_counts(cfg)
-    )
-    par = build_parallelism(cfg.parallel, world)
-    return Trainer(cfg, Datasets(train, None, None), rank, device, tok.eod, {}, par)
+    return build_run(cfg, rank, world, device).trainer
 
 
 def time_ours(trainer: Trainer, batches, steps: int) -> float:
@@ -86,8 +76,6 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     trainer = build_trainer(args.configs, args.steps)
     cfg = trainer.cfg
-    from transformers import GPTNeoXForCausalLM, LlamaForCausalLM  # noqa: PLC0415
-
     cls = LlamaForCausalLM if family(cfg.model) == "llama" else GPTNeoXForCausalLM
     hf = cls(hf_config(cfg.model, cfg.derived.padded_vocab_size))
     hf.config._attn_implementation = "sdpa"

@@ -110,9 +110,19 @@ def test_keep_last_and_complete_markers(tmp_path: Path, shakespeare) -> None:
         checkpoint_factor=2,
         keep_last_n_checkpoints=2,
     )
-    run_cli(["train.py", str(cfg)])
+    out = run_cli(["train.py", str(cfg)])
     ck = tmp_path / "ck"
     assert sorted(p.name for p in ck.glob("global_step*")) == ["global_step6", "global_step8"]
+    log = out.stdout + out.stderr
+    summary = re.search(
+        r"run finished at iteration 8 \| train loss ([\d.]+) .*\| validation loss ([\d.]+) \| "
+        r"last checkpoint (\S+) \| wall time \d+:\d\d:\d\d for 8 steps \| ([\d,]+) tokens/s",
+        log,
+    )
+    assert summary, log[-2000:]
+    last_valid = re.findall(r"validation at iter 8 \| loss ([\d.]+)", log)
+    assert summary.group(2) == last_valid[-1]  # the summary repeats the final evaluation
+    assert Path(summary.group(3)) == ck / "global_step8"
     assert (ck / "latest").read_text() == "global_step8"
     assert (ck / "global_step8" / "COMPLETE").is_file()
     saved = yaml.safe_load((ck / "global_step8" / "config.yml").read_text())

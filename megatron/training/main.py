@@ -12,8 +12,10 @@ import torch.distributed as dist
 from megatron.config.loader import build_config, merge_sources
 from megatron.config.schema import Config
 from megatron.config.sources import decode_sources, gather_sources
-from megatron.config.validate import finalize
 from megatron.data.bundled import prepare_bundled_data
+from megatron.training.distributed import init_distributed
+from megatron.training.host_memory import tune_host_allocator
+from megatron.training.run import build_run
 
 log = logging.getLogger("megatron")
 
@@ -32,8 +34,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from megatron.training.host_memory import tune_host_allocator  # noqa: PLC0415
-
     tune_host_allocator()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.config_b64:
@@ -41,8 +41,6 @@ def main(argv: list[str] | None = None) -> list[float]:
     else:
         sources, raw = gather_sources(args.configs, args.set)
     cfg = build_config(merge_sources(sources))
-    from megatron.training.distributed import init_distributed  # noqa: PLC0415
-
     rank, world, device = init_distributed(cfg.launcher)
     if rank == 0:
         prepare_bundled_data(cfg)
@@ -60,37 +58,4 @@ def main(argv: list[str] | None = None) -> list[float]:
 
 
 def run(cfg: Config, raw: dict[str, str], rank: int, world: int, device: Any) -> list[float]:
-    from megatron.data.builder import build_train_valid_test_datasets  # noqa: PLC0415
-    from megatron.data.tokenizers import build_tokenizer  # noqa: PLC0415
-    from megatron.parallel.topology import build_parallelism  # noqa: PLC0415
-    from megatron.training.setup import Datasets, sample_counts  # noqa: PLC0415
-    from megatron.training.trainer import Trainer  # noqa: PLC0415
-
-    tokenizer = build_tokenizer(cfg.data)
-    finalize(cfg, world, tokenizer.vocab_size)
-    if rank == 0:
-        d = cfg.derived
-        log.info(
-            "world %d | global batch %d = micro %d x accum %d x dp %d | vocab %d (padded %d)",
-            world,
-            d.global_batch,
-            d.micro_batch,
-            d.grad_accum,
-            d.data_parallel_size,
-            d.vocab_size,
-            d.padded_vocab_size,
-        )
-    # Rank 0 builds (and caches) the index arrays first; the others then only load them.
-    for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
-            train, valid, test = build_train_valid_test_datasets(
-                cfg.data,
-                cfg.model.seq_length,
-                cfg.training.seed,
-                sample_counts(cfg),
-                vocab_size=tokenizer.vocab_size,  # rejects token ids the model cannot embed
-            )
-        dist.barrier()
-    par = build_parallelism(cfg.parallel, world)
-    trainer = Trainer(cfg, Datasets(train, valid, test), rank, device, tokenizer.eod, raw, par)
-    return trainer.run()
+    return build_run(cfg, rank, world, device, raw).trainer.run()

@@ -45,6 +45,8 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.logging, rank, config_to_dict(cfg), cfg.checkpoint.save)
         self.n_evals = 0
         self.losses: list[float] = []  # per optimizer step, on every rank (DP-averaged)
+        self.last_valid_loss: float | None = None
+        self.last_checkpoint: Path | None = None
 
     def _load(self) -> int:
         ck, par = self.cfg.checkpoint, self.par
@@ -84,7 +86,8 @@ class Trainer:
         cfg, d = self.cfg, self.cfg.derived
         batches = self._batches(self.data.train, self.iteration * d.global_batch)
         tokens_per_step = d.global_batch * cfg.model.seq_length
-        window_start, window_losses = time.perf_counter(), []
+        run_start = window_start = time.perf_counter()
+        window_losses: list[float] = []
         start_iter = self.iteration
         stop = cfg.training.train_iters
         if cfg.training.exit_interval:
@@ -113,7 +116,24 @@ class Trainer:
             self._maybe_save()
         check_replicas(self.engine.module, self.rank, self.par.dp_group)
         self.metrics.close()
+        if self.rank == 0:
+            steps = self.iteration - start_iter
+            log.info(self._summary(steps, tokens_per_step, time.perf_counter() - run_start))
         return self.losses
+
+    def _summary(self, steps: int, tokens_per_step: int, seconds: float) -> str:
+        """The run's last line: what it reached, where it is saved, how long it took."""
+        window = self.losses[-self.cfg.logging.log_interval :]
+        train = f"{sum(window) / len(window):.4f}" if window else "n/a"
+        valid = f"{self.last_valid_loss:.4f}" if self.last_valid_loss is not None else "n/a"
+        rate = steps * tokens_per_step / seconds if seconds > 0 else 0.0
+        h, rest = divmod(int(seconds), 3600)
+        return (
+            f"run finished at iteration {self.iteration} | train loss {train} (mean of the last "
+            f"{len(window)} steps) | validation loss {valid} | last checkpoint "
+            f"{self.last_checkpoint or 'none'} | wall time {h}:{rest // 60:02d}:{rest % 60:02d} "
+            f"for {steps} steps | {rate:,.0f} tokens/s"
+        )
 
     def _log(self, values: dict[str, float], eta_s: float) -> None:
         self._sepllm_stats(values)
@@ -179,6 +199,7 @@ class Trainer:
             self.raw_configs,
             extra=self._save_universal,
         )
+        self.last_checkpoint = path
         if self.rank == 0:
             log.info("saved checkpoint %s", path)
 
