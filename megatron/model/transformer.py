@@ -129,7 +129,9 @@ class BatchContextBuilder(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """Decoder-only LM. `windows[i]` is layer i's SepLLM window (>= seq_length: full causal)."""
+    """Decoder-only LM, built from the model and sepllm sections alone (no world size, no
+    tokenizer). `windows[i]` is layer i's SepLLM window (>= seq_length: full causal); by
+    default the sepllm section's."""
 
     def __init__(
         self,
@@ -141,7 +143,7 @@ class GPTModel(nn.Module):
         tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
-        windows = windows or [m.seq_length] * m.num_layers
+        windows = list(windows or sep.layer_windows(m.num_layers, m.seq_length))
         if len(windows) != m.num_layers:
             raise ValueError(f"{len(windows)} windows for {m.num_layers} layers")
         self.cfg, self.sep = m, sep
