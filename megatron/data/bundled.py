@@ -9,7 +9,6 @@ is written last, so its presence means the corpus is complete.
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import json
 import logging
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from megatron.common.files import atomic_write, file_lock
 from megatron.config.loader import ConfigError
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, dataset_exists
 from megatron.data.tokenizer_training import train_bpe
@@ -109,10 +109,8 @@ def _build(root: str, vocab_size: int) -> None:
         "works": [os.path.basename(p)[: -len("_gut.txt")] for p in files],
         "build_seconds": round(time.perf_counter() - t0, 2),
     }
-    tmp = os.path.join(root, f"stats.json.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(root, "stats.json")) as f:
         json.dump(stats, f, indent=1)
-    os.replace(tmp, os.path.join(root, "stats.json"))
     log.info("built %s: %d works, %d tokens", root, len(texts), num_tokens)
 
 
@@ -123,27 +121,12 @@ def ensure_shakespeare(root: str = "data/shakespeare", vocab_size: int = 8192) -
     if _complete(root, vocab_size):
         return prefix, tok_path
     os.makedirs(root, exist_ok=True)
-    fd = os.open(os.path.join(root, ".build.lock"), os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        deadline = time.monotonic() + _LOCK_TIMEOUT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"{root}/.build.lock held for over {_LOCK_TIMEOUT_S:.0f}s; "
-                        "remove it if no other process is building the corpus"
-                    ) from None
-                time.sleep(0.2)
+    with file_lock(os.path.join(root, ".build.lock"), _LOCK_TIMEOUT_S):
         if not _complete(root, vocab_size):  # another process may have finished meanwhile
             stats = os.path.join(root, "stats.json")
             if os.path.exists(stats):
                 os.remove(stats)  # stale (other vocab size): mark incomplete before rebuilding
             _build(root, vocab_size)
-    finally:
-        os.close(fd)  # releases the flock
     return prefix, tok_path
 
 

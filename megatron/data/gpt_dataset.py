@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from megatron.common.files import atomic_path
 from megatron.data.helpers import build_sample_idx
 from megatron.data.indexed_dataset import DataError, MMapIndexedDataset, index_file_path
 
@@ -90,9 +91,8 @@ def _writable_dir(preferred: str) -> str:
 
 
 def _save_npy(path: str, arr: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, arr)
 
 
 class GPTDataset:

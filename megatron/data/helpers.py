@@ -8,7 +8,6 @@ the fallback; ``SEPNEOX_CACHE`` moves the cache.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -17,10 +16,11 @@ import os
 import subprocess
 import sys
 import sysconfig
-import time
 from types import ModuleType
 
 import numpy as np
+
+from megatron.common.files import atomic_path, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -53,35 +53,20 @@ def _load(path: str) -> ModuleType:
 def _compile(out: str) -> None:
     import pybind11
 
-    tmp = f"{out}.tmp{os.getpid()}"
-    cmd = [
-        os.environ.get("CXX", "c++"),
-        "-O3",
-        "-shared",
-        "-std=c++17",
-        "-fPIC",
-        f"-I{pybind11.get_include()}",
-        f"-I{sysconfig.get_paths()['include']}",
-        _SRC,
-        "-o",
-        tmp,
-    ]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=_COMPILE_TIMEOUT_S)
-    os.replace(tmp, out)  # atomic: another process never sees a half-written .so
-
-
-def _acquire(lock_path: str) -> int | None:
-    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
-    deadline = time.monotonic() + _LOCK_TIMEOUT_S
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                return None
-            time.sleep(0.2)
+    with atomic_path(out) as tmp:  # another process never sees a half-written .so
+        cmd = [
+            os.environ.get("CXX", "c++"),
+            "-O3",
+            "-shared",
+            "-std=c++17",
+            "-fPIC",
+            f"-I{pybind11.get_include()}",
+            f"-I{sysconfig.get_paths()['include']}",
+            _SRC,
+            "-o",
+            tmp,
+        ]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=_COMPILE_TIMEOUT_S)
 
 
 def get_extension() -> ModuleType | None:
@@ -97,16 +82,11 @@ def get_extension() -> ModuleType | None:
         os.makedirs(d, exist_ok=True)
         so = os.path.join(d, _MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
         if not os.path.exists(so):
-            fd = _acquire(os.path.join(d, "build.lock"))
-            if fd is None:
-                raise TimeoutError(f"lock {d}/build.lock held for over {_LOCK_TIMEOUT_S:.0f}s")
-            try:
+            with file_lock(os.path.join(d, "build.lock"), _LOCK_TIMEOUT_S):
                 if not os.path.exists(so):
                     _compile(so)
-            finally:
-                os.close(fd)
         _cached = _load(so)
-    except Exception as e:  # noqa: BLE001 - any build failure means: use numpy
+    except Exception as e:  # any build failure means: use numpy
         detail = getattr(e, "stderr", b"") or b""
         log.warning(
             "data helpers: C++ build unavailable (%s %s); using the numpy fallback",

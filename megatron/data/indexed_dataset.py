@@ -19,6 +19,8 @@ from functools import cached_property
 
 import numpy as np
 
+from megatron.common.files import AtomicFile, atomic_write
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8  # magic, version, dtype code, n sequences, n doc_idx
@@ -169,7 +171,7 @@ def dataset_exists(prefix: str) -> bool:
 
 
 class IndexedDatasetBuilder:
-    """Streaming writer: tokens go straight to ``<prefix>.bin.tmp``; sizes are kept as 4 bytes
+    """Streaming writer: tokens go straight to a temporary .bin; sizes are kept as 4 bytes
     per document. ``finalize`` writes the index and renames both files into place, so a crash
     never leaves a .bin/.idx pair that looks complete."""
 
@@ -178,8 +180,7 @@ class IndexedDatasetBuilder:
         self.dtype = np.dtype(dtype)
         dtype_code(self.dtype)  # fail early on an unsupported dtype
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        self._tmp_bin = data_file_path(prefix) + f".tmp{os.getpid()}"
-        self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115 - closed in finalize/abort
+        self._bin = AtomicFile(data_file_path(prefix), "wb")  # committed in finalize
         self._sizes = array("i")
         self._limit = np.iinfo(self.dtype).max if self.dtype.kind in "iu" else None
 
@@ -204,7 +205,6 @@ class IndexedDatasetBuilder:
             )
 
     def finalize(self) -> None:
-        self._bin.close()
         sizes = np.frombuffer(self._sizes, dtype=np.int32) if self._sizes else np.zeros(0, np.int32)
         n = len(sizes)
         pointers = np.zeros(n, np.int64)
@@ -213,20 +213,17 @@ class IndexedDatasetBuilder:
         pointers *= self.dtype.itemsize
         doc_idx = np.arange(n + 1, dtype=np.int64)  # one sequence per document
         write_index(index_file_path(self.prefix), self.dtype, sizes, pointers, doc_idx)
-        os.replace(self._tmp_bin, data_file_path(self.prefix))
+        self._bin.commit()
 
     def abort(self) -> None:
-        self._bin.close()
-        if os.path.exists(self._tmp_bin):
-            os.remove(self._tmp_bin)
+        self._bin.discard()
 
 
 def write_index(
     path: str, dtype: np.dtype, sizes: np.ndarray, pointers: np.ndarray, doc_idx: np.ndarray
 ) -> None:
     """Write an .idx atomically (temporary name, then rename)."""
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(MAGIC)
         f.write(struct.pack("<Q", VERSION))
         f.write(struct.pack("<B", dtype_code(dtype)))
@@ -235,4 +232,3 @@ def write_index(
         f.write(np.asarray(sizes, np.int32).tobytes(order="C"))
         f.write(np.asarray(pointers, np.int64).tobytes(order="C"))
         f.write(np.asarray(doc_idx, np.int64).tobytes(order="C"))
-    os.replace(tmp, path)

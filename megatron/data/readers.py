@@ -53,12 +53,12 @@ def open_binary(path: str) -> IO[bytes]:
         try:
             import zstandard
 
-            return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))  # noqa: SIM115
+            return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
         except ImportError:
             proc = subprocess.Popen(["zstd", "-dc", path], stdout=subprocess.PIPE)
             assert proc.stdout is not None
             return proc.stdout
-    return open(path, "rb")  # noqa: SIM115
+    return open(path, "rb")
 
 
 def iter_line_batches(path: str, batch_lines: int = 256) -> Iterator[tuple[int, list[bytes]]]:

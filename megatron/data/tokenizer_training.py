@@ -9,6 +9,7 @@ import json
 import os
 from collections.abc import Iterator
 
+from megatron.common.files import atomic_path
 from megatron.data.readers import iter_documents
 from megatron.data.tokenizers import EOD_TOKEN, PAD_TOKEN
 
@@ -43,9 +44,8 @@ def train_bpe(
     )
     tok.train_from_iterator(iter_texts(files, json_key), trainer=trainer)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + f".tmp{os.getpid()}"
-    tok.save(tmp)
-    os.replace(tmp, out_path)
+    with atomic_path(out_path) as tmp:
+        tok.save(tmp)
     return out_path
 
 

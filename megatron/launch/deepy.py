@@ -187,7 +187,7 @@ def execute(plan: LaunchPlan) -> int:
     with materialized(plan) as argv:
         if plan.program == "srun":
             return subprocess.call(argv)
-        from deepspeed.launcher.runner import main as ds_main  # noqa: PLC0415
+        from deepspeed.launcher.runner import main as ds_main
 
         try:
             ds_main(argv)

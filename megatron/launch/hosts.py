@@ -20,7 +20,8 @@ def read_hostfile(path: str) -> dict[str, int]:
     """host -> slots of a DeepSpeed/MPI-style hostfile ('host slots=N', '#' comments)."""
     if not os.path.isfile(path):
         raise ConfigError(f"hostfile {path!r} does not exist")
-    from deepspeed.launcher.runner import _parse_hostfile  # noqa: PLC0415 - same parser as runner
+    # The runner's own parser; deepspeed is imported only when a hostfile is used.
+    from deepspeed.launcher.runner import _parse_hostfile
 
     try:
         return dict(_parse_hostfile(Path(path).read_text().splitlines()))
@@ -30,7 +31,7 @@ def read_hostfile(path: str) -> dict[str, int]:
 
 def resolve_pool(lc: LauncherConfig, hosts: dict[str, int]) -> Pool:
     """Apply include/exclude or num_nodes/num_gpus to the hostfile's hosts, like the runner."""
-    from deepspeed.launcher.runner import (  # noqa: PLC0415
+    from deepspeed.launcher.runner import (
         apply_num_nodes_and_gpus,
         parse_inclusion_exclusion,
     )

@@ -53,7 +53,7 @@ def ranks_from_env(env: Mapping[str, str]) -> Ranks | None:
 
 def _import_mpi() -> Any | None:
     try:
-        from mpi4py import MPI  # noqa: PLC0415 - optional, and importing it initializes MPI
+        from mpi4py import MPI  # optional, and importing it initializes MPI
     except (ImportError, RuntimeError, OSError) as exc:  # not installed, or no libmpi
         log.debug("mpi4py unavailable (%s); reading MPI environment variables", exc)
         return None

@@ -7,7 +7,6 @@ finished writing, so a crash mid-save leaves the previous checkpoint as latest.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from megatron.common.files import atomic_write_text
 from megatron.config.schema import CheckpointConfig
 
 COMPLETE = "COMPLETE"
@@ -53,12 +53,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save(
     engine: Any,
     ckpt: CheckpointConfig,
@@ -85,7 +79,7 @@ def save(
     dist.barrier()
     if rank == 0:
         (out / COMPLETE).write_text(str(iteration))
-        _write_atomic(root / "latest", tag)
+        atomic_write_text(root / "latest", tag)
         _prune(root, ckpt.keep_last_n_checkpoints, keep=tag)
     dist.barrier()
     return out

@@ -1,0 +1,1 @@
+"""Leaf helpers shared by every package (imports nothing from megatron)."""
