@@ -6,7 +6,7 @@ need not have the hostfile); deepy.py checks the hostfile and installed programs
 
 from __future__ import annotations
 
-from megatron.config.choices import choice_errors
+from megatron.config.checks import field_errors
 from megatron.config.schema import LauncherConfig
 
 # Started through mpirun by the DeepSpeed runner, which can express neither slot ids nor
@@ -14,14 +14,10 @@ from megatron.config.schema import LauncherConfig
 MPI_LAUNCHERS = ("openmpi", "mpich", "mvapich", "impi")
 
 
-def _choice_errors(lc: LauncherConfig, errors: list[str]) -> None:
-    errors += choice_errors(lc)  # launcher, rank_source (deepy.py calls this on its own too)
-    if lc.num_gpus is not None and lc.num_gpus < 1:
-        errors.append(f"num_gpus must be >= 1 (or unset), got {lc.num_gpus}")
+def _field_errors(lc: LauncherConfig, errors: list[str]) -> None:
+    errors += field_errors(lc)  # launcher, rank_source (deepy.py calls this on its own too)
     if lc.num_nodes == 0 or lc.num_nodes < -1:
         errors.append(f"num_nodes must be >= 1 or -1 (all), got {lc.num_nodes}")
-    if not 1 <= lc.master_port <= 65535:
-        errors.append(f"master_port must be in 1..65535, got {lc.master_port}")
 
 
 def _filter_errors(lc: LauncherConfig, errors: list[str]) -> None:
@@ -71,7 +67,7 @@ def _node_rank_errors(lc: LauncherConfig, errors: list[str]) -> None:
 
 def validate_launcher(lc: LauncherConfig, errors: list[str]) -> None:
     """Append one message per problem with the launcher section."""
-    _choice_errors(lc, errors)
+    _field_errors(lc, errors)
     _filter_errors(lc, errors)
     _node_rank_errors(lc, errors)
     if lc.launcher == "slurm" and lc.hostfile:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from megatron.config.choices import literal_values
+from megatron.config.checks import literal_values
 from megatron.config.schema import SECTIONS, Config
 from megatron.sepllm.aliases import SEPLLM_ALIASES, apply_sepllm_aliases, lookup_alias
 

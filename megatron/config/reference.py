@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+from megatron.config.checks import describe_allowed, literal_values
 from megatron.config.loader import NEOX_ALIASES, _section_class
 from megatron.config.schema import SECTIONS
 from megatron.sepllm.aliases import SEPLLM_ALIASES
@@ -19,6 +20,9 @@ that name the closest valid key; a key set in two files is an error (override wi
 
 
 def _type_name(tp: typing.Any) -> str:
+    values = literal_values(tp)
+    if values is not None:  # the allowed column lists the values
+        return "str | None" if None in values else "str"
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
@@ -27,12 +31,15 @@ def render() -> str:
     for section in SECTIONS:
         cls = _section_class(section)
         hints = typing.get_type_hints(cls)
-        lines += [f"## `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += [f"## `{section}`", "", "| key | type | allowed | default | meaning |"]
+        lines.append("|---|---|---|---|---|")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text = f.metadata.get("help", "").replace("|", "\\|")
+            allowed = describe_allowed(f, hints[f.name])
             lines.append(
-                f"| `{f.name}` | {_type_name(hints[f.name])} | `{default!r}` | {help_text} |"
+                f"| `{f.name}` | {_type_name(hints[f.name])} | {allowed} | `{default!r}` "
+                f"| {help_text} |"
             )
         lines.append("")
     lines += ["## Accepted aliases", "", "NeoX forms: " + ", ".join(f"`{k}`" for k in NEOX_ALIASES)]

@@ -17,7 +17,7 @@ from megatron.sepllm.config import SepLLMConfig
 __all__ = ["SepLLMConfig"]  # re-exported: every section of Config is importable from here
 
 # Enumerated keys: validate() checks every Literal-typed field, however the config was built
-# (megatron/config/choices.py).
+# (megatron/config/checks.py).
 Activation = Literal["gelu", "swiglu"]
 NormKind = Literal["layernorm", "rmsnorm"]
 PosEmb = Literal["rotary", "learned", "none"]
@@ -39,15 +39,19 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    num_layers: int = _f(2, "Number of transformer blocks.")
-    hidden_size: int = _f(128, "Model width d_model.")
-    num_attention_heads: int = _f(4, "Query heads; hidden_size must divide evenly.")
+    num_layers: int = _f(2, "Number of transformer blocks.", ge=1)
+    hidden_size: int = _f(128, "Model width d_model.", ge=1)
+    num_attention_heads: int = _f(4, "Query heads; hidden_size must divide evenly.", ge=1)
     num_kv_heads: int | None = _f(
-        None, "Key/value heads for grouped-query attention (None = num_attention_heads)."
+        None,
+        "Key/value heads for grouped-query attention (None = num_attention_heads).",
+        ge=1,
     )
-    seq_length: int = _f(128, "Training sequence length in tokens.")
+    seq_length: int = _f(128, "Training sequence length in tokens.", ge=1)
     max_position_embeddings: int | None = _f(
-        None, "Largest position the model supports (None = seq_length)."
+        None,
+        "Largest position the model supports (None = seq_length).",
+        ge=1,
     )
     intermediate_size: int | None = _f(
         None,
@@ -55,28 +59,34 @@ class ModelConfig:
         "there are two up projections of this width (gate and up) - unlike NeoX, which halves "
         "it. None = 4*hidden_size for gelu, and the Llama rule 256*ceil(8*hidden/3/256) for "
         "swiglu.",
+        ge=1,
     )
     activation: Activation = _f("gelu", "MLP activation: gelu (NeoX) or swiglu (Llama).")
     gpt_j_residual: bool = _f(False, "Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)).")
     no_weight_tying: bool = _f(False, "Untie the output head from the input embedding.")
-    make_vocab_size_divisible_by: int = _f(128, "Pad the vocabulary to a multiple of this.")
+    make_vocab_size_divisible_by: int = _f(128, "Pad the vocabulary to a multiple of this.", ge=1)
     init_method: InitMethod = _f("small_init", "Init of input-side weights: small_init or normal.")
     output_layer_init_method: OutputInitMethod = _f(
         "wang_init", "Init of residual-output weights: wang_init, scaled_normal or normal."
     )
-    init_method_std: float = _f(0.02, "Std of the `normal` init methods.")
+    init_method_std: float = _f(0.02, "Std of the `normal` init methods.", gt=0)
     pos_emb: PosEmb = _f("rotary", "Position embedding: rotary, learned or none.")
     rotary_pct: float = _f(
-        1.0, "Fraction of each head's dims that get rotary (NeoX partial rotary)."
+        1.0,
+        "Fraction of each head's dims that get rotary (NeoX partial rotary).",
+        gt=0,
+        le=1,
     )
-    rotary_emb_base: float = _f(10000.0, "RoPE base (theta).")
+    rotary_emb_base: float = _f(10000.0, "RoPE base (theta).", gt=0)
     norm: NormKind = _f("layernorm", "layernorm (NeoX) or rmsnorm (Llama).")
-    layernorm_epsilon: float = _f(1e-5, "Epsilon of LayerNorm / RMSNorm.")
+    layernorm_epsilon: float = _f(1e-5, "Epsilon of LayerNorm / RMSNorm.", gt=0)
     use_bias_in_attn_linear: bool = _f(True, "Biases in the attention projections.")
     use_bias_in_mlp: bool = _f(True, "Biases in the MLP projections.")
     use_bias_in_norms: bool = _f(True, "Bias in LayerNorm (ignored by RMSNorm).")
-    attention_dropout: float = _f(0.0, "Dropout on attention probabilities (dense kernels only).")
-    hidden_dropout: float = _f(0.0, "Dropout on residual branches.")
+    attention_dropout: float = _f(
+        0.0, "Dropout on attention probabilities (dense kernels only).", ge=0, lt=1
+    )
+    hidden_dropout: float = _f(0.0, "Dropout on residual branches.", ge=0, lt=1)
 
     # Values derived from this section alone: read these, never recompute them.
     @property
@@ -120,37 +130,43 @@ class OptimizerConfig:
     optimizer_type: OptimizerType = _f(
         "adamw", "adamw or adam (decoupled decay both ways, torch AdamW)."
     )
-    lr: float = _f(6e-4, "Peak learning rate.")
-    adam_beta1: float = _f(0.9, "Adam beta1.")
-    adam_beta2: float = _f(0.95, "Adam beta2.")
-    adam_eps: float = _f(1e-8, "Adam epsilon.")
-    weight_decay: float = _f(0.1, "Decoupled weight decay (not applied to biases and norms).")
-    gradient_clipping: float = _f(1.0, "Clip the global grad norm to this (0 = off).")
+    lr: float = _f(6e-4, "Peak learning rate.", gt=0)
+    adam_beta1: float = _f(0.9, "Adam beta1.", ge=0, lt=1)
+    adam_beta2: float = _f(0.95, "Adam beta2.", ge=0, lt=1)
+    adam_eps: float = _f(1e-8, "Adam epsilon.", gt=0)
+    weight_decay: float = _f(0.1, "Decoupled weight decay (not applied to biases and norms).", ge=0)
+    gradient_clipping: float = _f(1.0, "Clip the global grad norm to this (0 = off).", ge=0)
 
 
 @dataclass
 class ScheduleConfig:
     lr_decay_style: DecayStyle = _f("cosine", "constant, linear or cosine (after warmup).")
-    lr_decay_iters: int | None = _f(None, "Decay length in iterations (None = train_iters).")
-    warmup: float = _f(0.01, "Warmup as a fraction of lr_decay_iters.")
-    min_lr: float = _f(0.0, "Floor of the decayed learning rate.")
+    lr_decay_iters: int | None = _f(None, "Decay length in iterations (None = train_iters).", ge=1)
+    warmup: float = _f(0.01, "Warmup as a fraction of lr_decay_iters.", ge=0, le=1)
+    min_lr: float = _f(0.0, "Floor of the decayed learning rate.", ge=0)
 
 
 @dataclass
 class TrainingConfig:
-    train_iters: int = _f(100, "Optimizer steps to run.")
-    train_micro_batch_size_per_gpu: int | None = _f(None, "Sequences per rank per micro step.")
-    gradient_accumulation_steps: int | None = _f(None, "Micro steps per optimizer step.")
+    train_iters: int = _f(100, "Optimizer steps to run.", ge=1)
+    train_micro_batch_size_per_gpu: int | None = _f(
+        None, "Sequences per rank per micro step.", ge=1
+    )
+    gradient_accumulation_steps: int | None = _f(None, "Micro steps per optimizer step.", ge=1)
     train_batch_size: int | None = _f(
-        None, "Global batch = micro * accumulation * data-parallel size; any two give the third."
+        None,
+        "Global batch = micro * accumulation * data-parallel size; any two give the third.",
+        ge=1,
     )
     precision: Precision = _f("fp32", "fp32, bfloat16 or fp16 (fp16 needs a GPU).")
     zero_optimization: dict = _f({"stage": 0}, "DeepSpeed zero_optimization block, passed through.")
     exit_interval: int | None = _f(
-        None, "Stop (with a checkpoint) after this iteration, e.g. to fit a job time limit."
+        None,
+        "Stop (with a checkpoint) after this iteration, e.g. to fit a job time limit.",
+        ge=1,
     )
     checkpoint_activations: bool = _f(False, "Recompute each block in backward.")
-    seed: int = _f(1234, "Seed of init, data order and dropout.")
+    seed: int = _f(1234, "Seed of init, data order and dropout.", ge=0)
     deepspeed_extra: dict = _f({}, "Extra DeepSpeed config entries merged last (expert use).")
 
 
@@ -169,7 +185,7 @@ class DataConfig:
     vocab_file: str | None = _f(None, "Tokenizer file (tokenizer.json, .model, vocab.json ...).")
     merge_file: str | None = _f(None, "merges.txt for GPT2BPETokenizer.")
     eod_mask_loss: bool = _f(False, "Do not train on predicting the token after an EOD.")
-    num_workers: int = _f(0, "DataLoader worker processes.")
+    num_workers: int = _f(0, "DataLoader worker processes.", ge=0)
     prepare_data: str | None = _f(
         None, "Bundled corpus to build if data_path is missing: 'shakespeare' or None."
     )
@@ -179,10 +195,12 @@ class DataConfig:
 class CheckpointConfig:
     save: str | None = _f(None, "Directory to save checkpoints to.")
     load: str | None = _f(None, "Directory to resume / fine-tune from.")
-    checkpoint_factor: int = _f(1000, "Save every this many iterations (and at the end).")
-    keep_last_n_checkpoints: int | None = _f(None, "Delete older checkpoints (None = keep all).")
+    checkpoint_factor: int = _f(1000, "Save every this many iterations (and at the end).", ge=1)
+    keep_last_n_checkpoints: int | None = _f(
+        None, "Delete older checkpoints (None = keep all).", ge=1
+    )
     finetune: bool = _f(False, "Load weights only and restart at iteration 0.")
-    iteration: int | None = _f(None, "Load this iteration instead of `latest`.")
+    iteration: int | None = _f(None, "Load this iteration instead of `latest`.", ge=0)
     allow_fresh_start: bool = _f(
         False, "If `load` holds no checkpoint, start fresh instead of stopping with an error."
     )
@@ -190,9 +208,9 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = _f(10, "Iterations between rank-0 log lines.")
-    eval_interval: int = _f(100, "Iterations between validation runs (0 = never).")
-    eval_iters: int = _f(10, "Validation batches per evaluation.")
+    log_interval: int = _f(10, "Iterations between rank-0 log lines.", ge=1)
+    eval_interval: int = _f(100, "Iterations between validation runs (0 = never).", ge=0)
+    eval_iters: int = _f(10, "Validation batches per evaluation.", ge=1)
     use_wandb: bool = _f(False, "Log to Weights & Biases.")
     wandb_project: str = _f("sepneox", "W&B project.")
     wandb_mode: WandbMode = _f("offline", "W&B mode: offline, online or disabled.")
@@ -205,15 +223,17 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    model_parallel_size: int = _f(1, "Tensor-parallel degree.")
-    pipe_parallel_size: int = _f(0, "Pipeline stages (0 = no pipeline engine).")
+    model_parallel_size: int = _f(1, "Tensor-parallel degree.", ge=1)
+    pipe_parallel_size: int = _f(0, "Pipeline stages (0 = no pipeline engine).", ge=0)
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs TP > 1).")
 
 
 @dataclass
 class LauncherConfig:
     num_gpus: int | None = _f(
-        None, "Processes per node (GPUs; on CPU-only hosts, CPU ranks). None = all GPUs or 1."
+        None,
+        "Processes per node (GPUs; on CPU-only hosts, CPU ranks). None = all GPUs or 1.",
+        ge=1,
     )
     num_nodes: int = _f(
         -1,
@@ -228,7 +248,7 @@ class LauncherConfig:
     master_addr: str | None = _f(
         None, "Rendezvous address (node 0). None = 127.0.0.1, ssh, Slurm's first host or MPI."
     )
-    master_port: int = _f(29500, "Rendezvous port.")
+    master_port: int = _f(29500, "Rendezvous port.", ge=1, le=65535)
     launcher: LauncherKind = _f(
         "pdsh",
         "Multi-node launcher: pdsh (ssh), openmpi, mpich, mvapich, impi (mpirun through the "
@@ -241,6 +261,7 @@ class LauncherConfig:
         None,
         "No-SSH per-node mode: this node's index in [0, num_nodes). Every node runs "
         "`deepy.py ... --node-rank K` and starts its own ranks; needs master_addr.",
+        ge=0,
     )
     no_ssh: bool = _f(False, "Start only this node's ranks without pdsh/ssh (needs node_rank).")
     rank_source: RankSource = _f(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from megatron.config.choices import choice_errors
+from megatron.config.checks import field_errors, has_range_error
 from megatron.config.launcher import validate_launcher
 from megatron.config.loader import ConfigError
 from megatron.config.schema import SECTIONS, Config, ModelConfig, RunShape, TrainingConfig
@@ -12,33 +12,25 @@ from megatron.sepllm.validate import validate_sepllm
 
 
 def validate_model(m: ModelConfig, errors: list[str]) -> None:
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-        if getattr(m, name) < 1:
-            errors.append(f"{name} must be >= 1, got {getattr(m, name)}")
-    if m.num_attention_heads >= 1 and m.hidden_size % m.num_attention_heads:
+    """Cross-field checks of the model section (its fields are already in range)."""
+    if m.hidden_size % m.num_attention_heads:
         errors.append(
             f"hidden_size {m.hidden_size} is not divisible by num_attention_heads "
             f"{m.num_attention_heads}"
         )
     kv = m.kv_heads
-    if kv < 1 or m.num_attention_heads % kv:
+    if m.num_attention_heads % kv:
         errors.append(
             f"num_attention_heads {m.num_attention_heads} must be a multiple of num_kv_heads {kv}"
         )
-    if not 0.0 < m.rotary_pct <= 1.0:
-        errors.append(f"rotary_pct must be in (0, 1], got {m.rotary_pct}")
-    elif m.pos_emb == "rotary" and m.num_attention_heads >= 1:
-        head_dim = m.head_dim
-        if m.rotary_dims % 2:
-            errors.append(
-                f"rotary dims = head_dim {head_dim} x rotary_pct {m.rotary_pct} must be even"
-            )
+    if m.pos_emb == "rotary" and m.rotary_dims % 2:
+        errors.append(
+            f"rotary dims = head_dim {m.head_dim} x rotary_pct {m.rotary_pct} must be even"
+        )
     if m.seq_length > m.max_positions:
         errors.append(
             f"seq_length {m.seq_length} exceeds max_position_embeddings {m.max_positions}"
         )
-    if m.make_vocab_size_divisible_by < 1:
-        errors.append("make_vocab_size_divisible_by must be >= 1")
 
 
 def resolve_batch(t: TrainingConfig, dp: int) -> tuple[int, int, int]:
@@ -88,24 +80,20 @@ def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Raise one ConfigError listing every problem found (not just the first)."""
     errors: list[str] = []
+    bad = set()  # sections with a field out of range: their cross-field checks are skipped
     for section in SECTIONS:
-        errors += choice_errors(getattr(cfg, section))
-    validate_model(cfg.model, errors)
-    if cfg.training.train_iters < 1:
-        errors.append(f"train_iters must be >= 1, got {cfg.training.train_iters}")
-    if not 0.0 <= cfg.schedule.warmup <= 1.0:
-        errors.append(f"warmup is a fraction of the decay length, got {cfg.schedule.warmup}")
+        errors += field_errors(getattr(cfg, section))
+        bad |= {section} if has_range_error(getattr(cfg, section)) else set()
+    if "model" not in bad:
+        validate_model(cfg.model, errors)
     if cfg.schedule.min_lr > cfg.optimizer.lr:
         errors.append(f"min_lr {cfg.schedule.min_lr} is above lr {cfg.optimizer.lr}")
     stage = cfg.training.zero_optimization.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         errors.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
-    _validate_parallel(cfg, world_size, errors)
+    if not bad & {"model", "parallel"}:
+        _validate_parallel(cfg, world_size, errors)
     validate_launcher(cfg.launcher, errors)
-    for name in ("log_interval", "checkpoint_factor"):
-        section = cfg.logging if name == "log_interval" else cfg.checkpoint
-        if getattr(section, name) < 1:
-            errors.append(f"{name} must be >= 1")
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
         errors.append("finetune: true needs `load` (the checkpoint to start from)")
     d = cfg.data
@@ -115,7 +103,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         paths, weights = getattr(d, f"{split}_data_paths"), getattr(d, f"{split}_data_weights")
         if weights and len(weights) != len(paths):
             errors.append(f"{split}_data_weights has {len(weights)} entries for {len(paths)} paths")
-    errors.extend(_sepllm_errors(cfg))
+    if not bad & {"model", "sepllm"}:
+        errors.extend(_sepllm_errors(cfg))
     if not errors:
         try:
             resolve_batch(cfg.training, _dp_size(cfg, world_size))
@@ -138,9 +127,6 @@ def _dp_size(cfg: Config, world_size: int) -> int:
 def _validate_parallel(cfg: Config, world_size: int, errors: list[str]) -> None:
     p, m = cfg.parallel, cfg.model
     tp = p.model_parallel_size
-    if tp < 1 or p.pipe_parallel_size < 0:
-        errors.append("model_parallel_size must be >= 1 and pipe_parallel_size >= 0")
-        return
     if p.sequence_parallel:
         errors.append("sequence_parallel is not available yet: set sequence_parallel: false")
     for name, n in (

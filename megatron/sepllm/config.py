@@ -13,10 +13,12 @@ from typing import Any, Literal
 SepLLMMode = Literal["full", "sepllm", "streamingllm"]
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A field with its help text and, for numbers, its range (ge / gt / le / lt)."""
+    meta = {"help": help, **kw}
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -27,14 +29,12 @@ class SepLLMConfig:
     separator_token_ids: list[int] = _f(
         [], "Token ids treated as separators (tools/sepllm/separator_ids.py derives them)."
     )
-    init_tokens: int = _f(4, "a: number of initial (sink) tokens always kept.")
-    local_window: int = _f(256, "w: local window including the diagonal.")
+    init_tokens: int = _f(4, "a: number of initial (sink) tokens always kept.", ge=0)
+    local_window: int = _f(256, "w: local window including the diagonal.", ge=1)
     local_window_per_layer: list[int] | None = _f(
         None, "Per-layer windows (length num_layers); a window >= seq_length = full attention."
     )
-    generate_window: int = _f(256, "Local window used when decoding with the mask-only path.")
-    generate_window_per_layer: list[int] | None = _f(None, "Per-layer decode windows.")
-    pad_token_id: int = _f(0, "Padding id, used to find the first real token of each row.")
+    pad_token_id: int = _f(0, "Padding id, used to find the first real token of each row.", ge=0)
     batch_adaptive_init_pos: bool = _f(
         False, "Initial tokens are the first `a` non-pad tokens of each row (left padding)."
     )
@@ -44,7 +44,7 @@ class SepLLMConfig:
         "reference), compact, flex.",
     )
     print_kv_ratio: bool = _f(False, "Log kept-KV ratio and attention density.")
-    print_ratio_intervals: int = _f(100, "Steps between kept-ratio log lines.")
+    print_ratio_intervals: int = _f(100, "Steps between kept-ratio log lines.", ge=1)
 
     def layer_windows(self, num_layers: int, seq_length: int) -> list[int]:
         """Window of each layer; seq_length (= full causal attention) everywhere in mode full."""
