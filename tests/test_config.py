@@ -292,3 +292,21 @@ def test_reference_doc_shows_the_allowed_values() -> None:
     doc = render()
     assert "| `lr` | float | > 0 |" in doc
     assert "| `norm` | str | layernorm, rmsnorm |" in doc
+
+
+def test_a_key_set_twice_in_one_file_is_an_error(tmp_path: Path) -> None:
+    p = write(tmp_path, "dup.yml", "num_layers: 2\nhidden_size: 64\nnum_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"key 'num_layers' is set twice .*first on line 1"):
+        load_config([p])
+    nested = write(tmp_path, "nested.yml", "sepllm:\n  mode: sepllm\n  mode: full\n")
+    with pytest.raises(ConfigError, match="key 'mode' is set twice"):
+        load_config([nested])
+
+
+def test_every_unknown_key_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
+    p = write(tmp_path, "neox.yml", "num_layers: 2\nattention_config: x\nscaled_upper: 1\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config([p])
+    text = str(exc.value)
+    assert "2 unknown keys" in text
+    assert "'attention_config'" in text and "'scaled_upper'" in text

@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A configuration problem found before any work starts."""
 
 
+class UnknownKeyError(ConfigError):
+    """A YAML key that is neither a config field nor an accepted alias."""
+
+
 def _norm(key: str) -> str:
     return key.replace("-", "_")
 
@@ -113,10 +117,10 @@ def _resolve(raw_key: str, value: Any, origin: str, section: str | None) -> list
             raise ConfigError(f"{origin}: {exc}") from exc
     if section is not None:
         fields = [n for n, (s, _) in index.items() if s == section]
-        raise ConfigError(
+        raise UnknownKeyError(
             f"{origin}: unknown key '{raw_key}' in section '{section}'" + _suggest(key, fields)
         )
-    raise ConfigError(
+    raise UnknownKeyError(
         f"{origin}: unknown key '{raw_key}'" + _suggest(key, [*index, *aliases, *SECTIONS])
     )
 
@@ -154,14 +158,24 @@ def flatten(raw: dict[str, Any], source: str) -> dict[str, tuple[Any, str]]:
             items += [(str(k), v, f"{source}:{key}.{k}", key) for k, v in value.items()]
         else:
             items.append((str(raw_key), value, f"{source}:{raw_key}", None))
+    unknown: list[str] = []
     for raw_key, value, origin, section in _translate_sepllm(items, source):
-        for name, resolved in _resolve(raw_key, value, origin, section):
+        try:
+            resolved_items = _resolve(raw_key, value, origin, section)
+        except UnknownKeyError as exc:  # collect them all: a ported config has several
+            unknown.append(str(exc))
+            continue
+        for name, resolved in resolved_items:
             if name in out and out[name][0] != resolved:
                 raise ConfigError(
                     f"{source}: '{name}' is set twice with different values "
                     f"({out[name][1]} = {out[name][0]!r}, {origin} = {resolved!r})"
                 )
             out[name] = (resolved, origin)
+    if len(unknown) == 1:
+        raise UnknownKeyError(unknown[0])
+    if unknown:
+        raise UnknownKeyError(f"{len(unknown)} unknown keys:\n  - " + "\n  - ".join(unknown))
     return out
 
 
@@ -210,12 +224,32 @@ def _is_int_float(value: Any) -> bool:
     return isinstance(value, float) and value.is_integer()
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                first = seen[key]
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key '{key}' is set twice in one mapping (first on line {first.line + 1}); "
+                    "remove one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -229,14 +263,22 @@ def merge_sources(sources: list[tuple[str, dict[str, Any]]]) -> dict[str, tuple[
     A source named "overrides" (command-line --set values) may override anything.
     """
     merged: dict[str, tuple[Any, str]] = {}
+    unknown: list[str] = []
     for name, raw in sources:
-        for key, (value, origin) in flatten(raw, name).items():
+        try:
+            flat = flatten(raw, name)
+        except UnknownKeyError as exc:  # report the unknown keys of every file together
+            unknown.append(str(exc))
+            continue
+        for key, (value, origin) in flat.items():
             if key in merged and name != "overrides":
                 raise ConfigError(
                     f"'{key}' is defined twice: {merged[key][1]} and {origin}; "
                     "remove one (use --set key=value to override from the command line)"
                 )
             merged[key] = (value, origin)
+    if unknown:
+        raise UnknownKeyError("\n".join(unknown))
     return merged
 
 
