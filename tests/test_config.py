@@ -310,3 +310,13 @@ def test_every_unknown_key_of_a_file_is_reported_at_once(tmp_path: Path) -> None
     text = str(exc.value)
     assert "2 unknown keys" in text
     assert "'attention_config'" in text and "'scaled_upper'" in text
+
+
+def test_separator_and_pad_ids_must_be_in_the_tokenizer_vocabulary() -> None:
+    sep = {"mode": "sepllm", "separator_token_ids": [5, 120, 300], "local_window": 8}
+    with pytest.raises(ConfigError, match=r"separator_token_ids \[120, 300\] are outside"):
+        finalize(cfg_from(**sep), world_size=1, vocab_size=100)
+    pad = {**sep, "separator_token_ids": [5], "batch_adaptive_init_pos": True, "pad_token_id": 100}
+    with pytest.raises(ConfigError, match="pad_token_id 100 is outside"):
+        finalize(cfg_from(**pad), world_size=1, vocab_size=100)
+    assert finalize(cfg_from(**{**sep, "separator_token_ids": [5, 99]}), 1, 100).derived

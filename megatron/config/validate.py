@@ -155,6 +155,7 @@ def finalize(cfg: Config, world_size: int, vocab_size: int) -> Config:
     """Validate, then compute the run's shape (batch triple, padded vocab, windows) exactly
     once into the frozen `cfg.derived`; the sections keep what the user wrote."""
     validate(cfg, world_size)
+    _check_token_ids(cfg, vocab_size)
     dp = _dp_size(cfg, world_size)
     micro, accum, total = resolve_batch(cfg.training, dp)
     m = cfg.model
@@ -171,3 +172,23 @@ def finalize(cfg: Config, world_size: int, vocab_size: int) -> Config:
         windows=tuple(cfg.sepllm.layer_windows(m.num_layers, m.seq_length)),
     )
     return cfg
+
+
+def _check_token_ids(cfg: Config, vocab_size: int) -> None:
+    """Separator and pad ids must be tokens of the run's tokenizer: an id past the vocabulary
+    never occurs in the data, which silently turns SepLLM into StreamingLLM."""
+    s, errors = cfg.sepllm, []
+    outside = sorted({int(i) for i in s.separator_token_ids if int(i) >= vocab_size})
+    if outside:
+        errors.append(
+            f"sepllm.separator_token_ids {outside} are outside the tokenizer's vocabulary "
+            f"(size {vocab_size}): derive the ids for this tokenizer with "
+            "tools/sepllm/separator_ids.py"
+        )
+    if s.mode != "full" and s.batch_adaptive_init_pos and s.pad_token_id >= vocab_size:
+        errors.append(
+            f"sepllm.pad_token_id {s.pad_token_id} is outside the tokenizer's vocabulary "
+            f"(size {vocab_size})"
+        )
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
