@@ -28,8 +28,10 @@ class SelfAttention(nn.Module):
         # Tensor parallelism splits whole heads (query and key/value heads alike).
         self.heads, self.kv_heads = tp.split(heads, "heads"), tp.split(kv_heads, "kv heads")
         self.head_dim = hidden // heads
-        # One fused projection laid out as [q (H*D) | k (Hkv*D) | v (Hkv*D)] (this rank's heads).
-        self.qkv = ColumnParallelLinear(hidden, (heads + 2 * kv_heads) * self.head_dim, bias, tp)
+        # One fused projection laid out as [q (H*D) | k (Hkv*D) | v (Hkv*D)] (this rank's heads);
+        # its layout knows the parts, so sharding and export split q, k and v separately.
+        parts = (heads * self.head_dim, kv_heads * self.head_dim, kv_heads * self.head_dim)
+        self.qkv = ColumnParallelLinear(hidden, sum(parts), bias, tp, parts=parts)
         self.dense = RowParallelLinear(heads * self.head_dim, hidden, bias, tp)
         self.attention_dropout = attention_dropout
 

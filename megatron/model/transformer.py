@@ -24,9 +24,11 @@ from megatron.model.rotary import RotaryEmbedding
 from megatron.parallel.layers import (
     SINGLE,
     ColumnParallelLinear,
+    ReplicatedEmbedding,
     TensorParallel,
     VocabParallelEmbedding,
     copy_to_tp,
+    param_init_roles,
 )
 from megatron.sepllm.kernels import AttentionKernel, get_kernel
 
@@ -43,7 +45,7 @@ class Embedding(nn.Module):
         super().__init__()
         self.embed = VocabParallelEmbedding(vocab_size, m.hidden_size, tp)
         self.pos_embed = (
-            nn.Embedding(m.max_positions, m.hidden_size) if m.pos_emb == "learned" else None
+            ReplicatedEmbedding(m.max_positions, m.hidden_size) if m.pos_emb == "learned" else None
         )
         self.drop = nn.Dropout(m.hidden_dropout)
 
@@ -180,7 +182,10 @@ def build_info(input_ids: torch.Tensor, sep: SepLLMConfig) -> object | None:
 
 
 def init_weights(model: nn.Module, m: ModelConfig) -> None:
-    """NeoX init: small_init on inputs, wang_init on residual outputs, zero biases."""
+    """NeoX init: small_init on inputs, wang_init on residual outputs, zero biases.
+
+    Each parameter's role is declared by its layer (`param_specs`); parameters are visited in
+    `named_parameters()` order, so the random draws are fixed by the module structure."""
     h, n = m.hidden_size, m.num_layers
     small = math.sqrt(2.0 / (5.0 * h))
     in_std = small if m.init_method == "small_init" else m.init_method_std
@@ -189,13 +194,12 @@ def init_weights(model: nn.Module, m: ModelConfig) -> None:
         "scaled_normal": m.init_method_std / math.sqrt(2.0 * n),
         "normal": m.init_method_std,
     }[m.output_layer_init_method]
+    roles = param_init_roles(model)
     for name, p in model.named_parameters():
-        if p.dim() < 2:
-            if "weight" in name and ("ln" in name or "norm" in name):
-                nn.init.ones_(p)
-            else:
-                nn.init.zeros_(p)
-        elif name.endswith(("attn.dense.weight", "mlp.down.weight")):
-            nn.init.normal_(p, 0.0, out_std)
+        role = roles[name]
+        if role == "ones":
+            nn.init.ones_(p)
+        elif role == "zeros":
+            nn.init.zeros_(p)
         else:
-            nn.init.normal_(p, 0.0, in_std)
+            nn.init.normal_(p, 0.0, out_std if role == "output" else in_std)

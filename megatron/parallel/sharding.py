@@ -1,76 +1,39 @@
-"""How each parameter is split across tensor-parallel ranks, and the two directions.
+"""Whole state dicts to and from tensor-parallel shards, by the layers' declared layouts.
 
-One table (by parameter name) serves model init under TP, resharding checkpoints between
-layouts and merging shards for export, so they cannot disagree.
+The split of every parameter is declared by the layer that owns it (`Layout` in
+`megatron/parallel/layers.py`); model init under TP, resharding checkpoints between layouts and
+export all take `param_layouts(model)`, so they cannot disagree. Code holding only a state dict
+and a config builds the model on the `meta` device to get them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from megatron.config.schema import ModelConfig
+from megatron.parallel.layers import Layout, param_layouts
+
+__all__ = ["param_layouts", "shard_state", "unshard_state"]
 
 
-@dataclass(frozen=True)
-class Spec:
-    kind: str  # "replicated", "split" (contiguous along dim) or "qkv" (q, k, v parts separately)
-    dim: int = 0
-
-
-REPLICATED = Spec("replicated")
-
-_RULES: tuple[tuple[str, Spec], ...] = (
-    ("embed.weight", Spec("split", 0)),  # vocabulary rows
-    ("head.weight", Spec("split", 0)),
-    ("attn.qkv.weight", Spec("qkv", 0)),
-    ("attn.qkv.bias", Spec("qkv", 0)),
-    ("attn.dense.weight", Spec("split", 1)),
-    ("mlp.up.weight", Spec("split", 0)),
-    ("mlp.up.bias", Spec("split", 0)),
-    ("mlp.gate.weight", Spec("split", 0)),
-    ("mlp.gate.bias", Spec("split", 0)),
-    ("mlp.down.weight", Spec("split", 1)),
-)
-
-
-def spec_for(name: str) -> Spec:
-    for suffix, spec in _RULES:
-        if name == suffix or name.endswith("." + suffix):
-            return spec
-    return REPLICATED
-
-
-def _qkv_sizes(m: ModelConfig) -> list[int]:
-    return list(m.qkv_sizes)
-
-
-def shard(name: str, full: torch.Tensor, m: ModelConfig, rank: int, size: int) -> torch.Tensor:
-    """This rank's piece of a full tensor."""
-    spec = spec_for(name)
-    if size == 1 or spec.kind == "replicated":
-        return full
-    if spec.kind == "split":
-        return full.chunk(size, spec.dim)[rank].contiguous()
-    parts = full.split(_qkv_sizes(m), 0)
-    return torch.cat([p.chunk(size, 0)[rank] for p in parts], 0).contiguous()
-
-
-def unshard(name: str, pieces: list[torch.Tensor], m: ModelConfig) -> torch.Tensor:
-    """The full tensor from every rank's piece (in rank order)."""
-    spec = spec_for(name)
-    if len(pieces) == 1 or spec.kind == "replicated":
-        return pieces[0]
-    if spec.kind == "split":
-        return torch.cat(pieces, spec.dim)
-    size = len(pieces)
-    local = [s // size for s in _qkv_sizes(m)]
-    split = [p.split(local, 0) for p in pieces]  # per rank: (q, k, v)
-    return torch.cat([torch.cat([s[i] for s in split], 0) for i in range(3)], 0)
+def _check_keys(keys: Sequence[str] | Mapping[str, object], layouts: Mapping[str, Layout]) -> None:
+    unknown = [k for k in keys if k not in layouts]
+    if unknown:
+        raise KeyError(f"no declared layout for: {', '.join(unknown)}")
 
 
 def shard_state(
-    state: dict[str, torch.Tensor], m: ModelConfig, rank: int, size: int
+    state: Mapping[str, torch.Tensor], layouts: Mapping[str, Layout], rank: int, size: int
 ) -> dict[str, torch.Tensor]:
-    return {k: shard(k, v, m, rank, size) for k, v in state.items()}
+    """This rank's piece of every tensor of a full state dict (every key must have a layout)."""
+    _check_keys(state, layouts)
+    return {k: layouts[k].shard(v, rank, size) for k, v in state.items()}
+
+
+def unshard_state(
+    pieces: Sequence[Mapping[str, torch.Tensor]], layouts: Mapping[str, Layout]
+) -> dict[str, torch.Tensor]:
+    """The full state dict from every rank's state dict (in rank order)."""
+    _check_keys(pieces[0], layouts)
+    return {k: layouts[k].unshard([p[k] for p in pieces]) for k in pieces[0]}

@@ -8,6 +8,8 @@ The input embedding is tied to the output head through a TiedLayerSpec when weig
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,18 +18,22 @@ from torch import nn
 
 from megatron.config.schema import Config
 from megatron.model.transformer import BatchContextBuilder, Block, Embedding, OutputHead
-from megatron.parallel.layers import TensorParallel, copy_to_tp
+from megatron.parallel.layers import SINGLE, TensorParallel, copy_to_tp
 
 Activations = tuple[torch.Tensor, torch.Tensor]  # hidden [B, S, h], ids [B, S]
 
 
 class EmbeddingPipe(Embedding):
+    WRAPS = ""  # is GPTModel's `embedding` itself
+
     def forward(self, ids: torch.Tensor) -> Activations:  # type: ignore[override]
         positions = torch.arange(ids.shape[1], device=ids.device)
         return super().forward(ids, positions), ids
 
 
 class BlockPipe(nn.Module):
+    WRAPS = "block."  # GPTModel's `blocks.<i>` sits at `self.block`
+
     def __init__(self, cfg: Config, window: int, tp: TensorParallel) -> None:
         super().__init__()
         self.block = Block(cfg.model, cfg.sepllm, window, tp)
@@ -41,6 +47,8 @@ class BlockPipe(nn.Module):
 
 class FinalNormPipe(nn.Module):
     """Final norm (+ the untied head); with tied weights the head is the tied embedding."""
+
+    WRAPS = "output."  # GPTModel's `output` sits at `self.output`
 
     def __init__(self, cfg: Config, vocab: int, tp: TensorParallel) -> None:
         super().__init__()
@@ -60,49 +68,77 @@ def _tied_head(tp: TensorParallel):
     return forward
 
 
-def layer_specs(cfg: Config, tp: TensorParallel) -> list[Any]:
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec  # noqa: PLC0415
+TIED = "embed"  # the tied embedding's key: its parameters are `tied_modules.embed.*`
 
+
+@dataclass(frozen=True)
+class Piece:
+    """One PipelineModule layer. `source`: the GPTModel prefix of the parameters it holds
+    ("" for none); inside the layer they sit under `cls.WRAPS`."""
+
+    cls: type[nn.Module]
+    args: tuple
+    source: str = ""
+    tied: bool = False  # lives in tied_modules[TIED], shared by the stages that hold it
+    forward_fn: Callable | None = None
+
+
+def pieces(cfg: Config, tp: TensorParallel) -> list[Piece]:
+    """The model's pieces in pipeline order (a layer's index is its position in this list)."""
     vocab, tied = cfg.derived.padded_vocab_size, not cfg.model.no_weight_tying
-    weight = ["embed.weight"]
-    if tied:
-        first = TiedLayerSpec("embed", EmbeddingPipe, cfg.model, vocab, tp, tied_weight_attr=weight)
-    else:
-        first = LayerSpec(EmbeddingPipe, cfg.model, vocab, tp)
-    specs = [first] + [LayerSpec(BlockPipe, cfg, w, tp) for w in cfg.derived.windows]
-    specs.append(LayerSpec(FinalNormPipe, cfg, vocab, tp))
-    if tied:
-        specs.append(
-            TiedLayerSpec(
-                "embed",
-                EmbeddingPipe,
-                cfg.model,
-                vocab,
-                tp,
-                forward_fn=_tied_head(tp),
-                tied_weight_attr=weight,
-            )
+    out = [Piece(EmbeddingPipe, (cfg.model, vocab, tp), "embedding.", tied)]
+    out += [
+        Piece(BlockPipe, (cfg, w, tp), f"blocks.{i}.") for i, w in enumerate(cfg.derived.windows)
+    ]
+    out.append(Piece(FinalNormPipe, (cfg, vocab, tp), "output."))
+    if tied:  # the head: the same tied embedding, applied as a projection
+        out.append(
+            Piece(EmbeddingPipe, (cfg.model, vocab, tp), tied=True, forward_fn=_tied_head(tp))
         )
+    return out
+
+
+def layer_specs(cfg: Config, tp: TensorParallel) -> list[Any]:
+    # deferred: deepspeed is a heavy import, needed only when a pipeline is built
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    specs: list[Any] = []
+    for p in pieces(cfg, tp):
+        if p.tied:
+            kw = {"forward_fn": p.forward_fn} if p.forward_fn is not None else {}
+            specs.append(
+                TiedLayerSpec(TIED, p.cls, *p.args, tied_weight_attr=["embed.weight"], **kw)
+            )
+        else:
+            specs.append(LayerSpec(p.cls, *p.args))
     return specs
 
 
-def pipe_key(name: str, num_layers: int, tied: bool) -> str:
-    """GPTModel parameter name -> PipelineModule name (layer index = position in specs)."""
-    if name.startswith("embedding."):
-        rest = name[len("embedding.") :]
-        return f"tied_modules.embed.{rest}" if tied else f"0.{rest}"
-    if name.startswith("blocks."):
-        _, i, rest = name.split(".", 2)
-        return f"{int(i) + 1}.block.{rest}"
-    if name.startswith("output."):
-        return f"{num_layers + 1}.{name}"
-    raise KeyError(name)
+def pipe_prefixes(cfg: Config) -> dict[str, str]:
+    """GPTModel prefix -> PipelineModule prefix, for every piece holding parameters."""
+    out = {}
+    for index, p in enumerate(pieces(cfg, SINGLE)):
+        if p.source:
+            outer = f"tied_modules.{TIED}." if p.tied else f"{index}."
+            out[p.source] = outer + p.cls.WRAPS
+    return out
+
+
+def pipe_names(names: Iterable[str], cfg: Config) -> dict[str, str]:
+    """GPTModel parameter name -> PipelineModule name. Raises naming an unmapped name."""
+    prefixes, out = pipe_prefixes(cfg), {}
+    for name in names:
+        source = next((s for s in prefixes if name.startswith(s)), None)
+        if source is None:
+            raise KeyError(f"{name} belongs to no pipeline piece")
+        out[name] = prefixes[source] + name[len(source) :]
+    return out
 
 
 def load_from_full(pipe: nn.Module, full_state: dict[str, torch.Tensor], cfg: Config) -> None:
     """Copy this stage's tensors out of a full (single-device layout) state dict."""
-    tied, n = not cfg.model.no_weight_tying, cfg.model.num_layers
-    mapped = {pipe_key(k, n, tied): v for k, v in full_state.items()}
+    names = pipe_names(full_state, cfg)
+    mapped = {names[k]: v for k, v in full_state.items()}
     local = pipe.state_dict()
     missing = [k for k in local if k not in mapped]
     if missing:
@@ -111,7 +147,7 @@ def load_from_full(pipe: nn.Module, full_state: dict[str, torch.Tensor], cfg: Co
 
 
 def build_pipeline(cfg: Config, tp: TensorParallel, topology: Any, loss_fn: Any) -> nn.Module:
-    from deepspeed.pipe import PipelineModule  # noqa: PLC0415
+    from deepspeed.pipe import PipelineModule  # deferred: heavy import
 
     return PipelineModule(
         layers=layer_specs(cfg, tp),

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from megatron.config.schema import Config
 from megatron.model.transformer import GPTModel
-from megatron.parallel.layers import SINGLE, TensorParallel
+from megatron.parallel.layers import SINGLE, TensorParallel, param_layouts
 from megatron.parallel.sharding import shard_state
 from megatron.training.optimizer import build_optimizer
 from megatron.training.schedule import lr_at
@@ -48,7 +48,7 @@ def build_model(cfg: Config, tp: TensorParallel = SINGLE) -> GPTModel:
     if tp.size == 1:
         return full
     model = GPTModel(*args, cfg.training.checkpoint_activations, tp)
-    model.load_state_dict(shard_state(full.state_dict(), cfg.model, tp.rank, tp.size))
+    model.load_state_dict(shard_state(full.state_dict(), param_layouts(full), tp.rank, tp.size))
     return model
 
 

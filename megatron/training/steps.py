@@ -12,9 +12,11 @@ import torch
 import torch.distributed as dist
 
 from megatron.config.schema import Config
-from megatron.parallel.layers import TensorParallel, vocab_parallel_cross_entropy
+from megatron.parallel.layers import TensorParallel, param_layouts, vocab_parallel_cross_entropy
+from megatron.parallel.sharding import shard_state
 from megatron.parallel.topology import Parallelism
 from megatron.training.batches import split_batch
+from megatron.training.pipeline import build_pipeline, load_from_full
 from megatron.training.setup import build_engine, build_model
 
 Batches = Iterator[torch.Tensor]  # [B, S+1] token windows of this rank
@@ -123,12 +125,9 @@ class PipelineSteps:
     """Pipeline parallel: DeepSpeed's 1F1B schedule over one global batch per call."""
 
     def __init__(self, cfg: Config, par: Parallelism, eod: int | None) -> None:
-        from megatron.parallel.sharding import shard_state  # noqa: PLC0415
-        from megatron.training.pipeline import build_pipeline, load_from_full  # noqa: PLC0415
-
         self.cfg, self.par, self.eod = cfg, par, eod
         full = build_model(cfg)  # same seed everywhere: every layout starts identical
-        state = shard_state(full.state_dict(), cfg.model, par.tp.rank, par.tp.size)
+        state = shard_state(full.state_dict(), param_layouts(full), par.tp.rank, par.tp.size)
         del full
         tp = par.tp
         pipe = build_pipeline(

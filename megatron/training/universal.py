@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 
 from megatron.config.schema import Config
-from megatron.parallel.sharding import shard, unshard
+from megatron.parallel.layers import Layout, param_layouts
 from megatron.parallel.topology import Parallelism
-from megatron.training.pipeline import pipe_key
+from megatron.training.pipeline import TIED, pipe_names
+from megatron.training.setup import build_model
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -38,23 +39,21 @@ def _local_names(module: torch.nn.Module, cfg: Config, pipeline: bool) -> dict[s
     params = dict(module.named_parameters())
     if not pipeline:
         return {n: n for n in params}
-    n, tied = cfg.model.num_layers, not cfg.model.no_weight_tying
-    full_names = [k for k in _full_param_names(cfg)]
-    inverse = {pipe_key(k, n, tied): k for k in full_names}
+    inverse = {pipe: full for full, pipe in pipe_names(_full_param_names(cfg), cfg).items()}
     return {local: inverse[local] for local in params if local in inverse}
 
 
 def _full_param_names(cfg: Config) -> list[str]:
-    from megatron.training.setup import build_model  # noqa: PLC0415
-
     with torch.device("meta"):
         return [k for k, _ in build_model(cfg).named_parameters()]
 
 
-def _local_entries(engine: Any, cfg: Config, par: Parallelism) -> dict[str, dict]:
-    """{full name: {"param": shard, "exp_avg": shard, ...}} for this rank's parameters."""
+def _local_entries(engine: Any, cfg: Config, par: Parallelism) -> dict[str, tuple[Layout, dict]]:
+    """{full name: (layout, {"param": shard, "exp_avg": shard, ...})} for this rank's
+    parameters; the layout is the one the owning layer declares."""
     module, opt = engine.module, engine.optimizer
     names = _local_names(module, cfg, par.pp_size > 1)
+    layouts = param_layouts(module)
     out = {}
     for local, p in module.named_parameters():
         if local not in names:
@@ -64,7 +63,7 @@ def _local_entries(engine: Any, cfg: Config, par: Parallelism) -> dict[str, dict
         entry.update({k: state[k].detach().cpu().clone() for k in STATE_KEYS if k in state})
         if "step" in state:
             entry["step"] = float(state["step"])
-        out[names[local]] = entry
+        out[names[local]] = (layouts[local], entry)
     return out
 
 
@@ -78,15 +77,15 @@ def gather_full(engine: Any, cfg: Config, par: Parallelism) -> dict[str, dict] |
     if dist.get_rank() != 0:
         return None
     by_name: dict[str, dict[int, dict]] = {}
+    layout_of: dict[str, Layout] = {}
     for tp_rank, entries in gathered:
-        for name, entry in entries.items():
+        for name, (layout, entry) in entries.items():
             by_name.setdefault(name, {})[tp_rank] = entry
+            layout_of[name] = layout
     full = {}
     for name, shards in by_name.items():
-        ordered = [shards[r] for r in sorted(shards)]
-        full[name] = {
-            k: unshard(name, [s[k] for s in ordered], cfg.model) for k in ordered[0] if k != "step"
-        }
+        ordered, layout = [shards[r] for r in sorted(shards)], layout_of[name]
+        full[name] = {k: layout.unshard([s[k] for s in ordered]) for k in ordered[0] if k != "step"}
         if "step" in ordered[0]:
             full[name]["step"] = ordered[0]["step"]
     return full
@@ -150,23 +149,25 @@ def load(path: Path, engine: Any, cfg: Config, par: Parallelism, finetune: bool)
     full = torch.load(path / "universal" / "state.pt", weights_only=False)
     module, opt = engine.module, engine.optimizer
     names = _local_names(module, cfg, par.pp_size > 1)
+    layouts = param_layouts(module)
     params = dict(module.named_parameters())
+    rank, size = par.tp.rank, par.tp.size
     with torch.no_grad():
         for local, p in params.items():
             name = names[local] if local in names else _tied_copy_source(local)
-            entry = full[name]
-            p.copy_(shard(name, entry["param"], cfg.model, par.tp.rank, par.tp.size))
+            entry, layout = full[name], layouts[local]
+            p.copy_(layout.shard(entry["param"], rank, size))
             if finetune or "exp_avg" not in entry:
                 continue
             opt.state[p] = {
-                k: shard(name, entry[k], cfg.model, par.tp.rank, par.tp.size).to(p.device).clone()
-                for k in STATE_KEYS
+                k: layout.shard(entry[k], rank, size).to(p.device).clone() for k in STATE_KEYS
             }
             opt.state[p]["step"] = torch.tensor(entry["step"])
 
 
 def _tied_copy_source(local: str) -> str:
     # The last pipeline stage's copy of the tied embedding reads the embedding's full tensor.
-    if local.startswith("tied_modules.embed."):
-        return "embedding." + local[len("tied_modules.embed.") :]
+    tied = f"tied_modules.{TIED}."
+    if local.startswith(tied):
+        return "embedding." + local[len(tied) :]
     raise KeyError(f"no layout-independent source for parameter {local}")
