@@ -1,7 +1,7 @@
 """Self-attention: projections + rotary + one pluggable inner kernel.
 
 The kernel decides which (query, key) pairs are kept; full attention, StreamingLLM and SepLLM
-differ only in the kernel and the per-batch `info` passed to it, never in this module.
+differ only in the kernel and the per-batch kept set passed to it, never in this module.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from torch import nn
 
 from megatron.model.rotary import apply_rotary
 from megatron.parallel.layers import SINGLE, ColumnParallelLinear, RowParallelLinear, TensorParallel
+from megatron.sepllm.info import KeptSet
 from megatron.sepllm.kernels import AttentionKernel
 
 
@@ -41,7 +42,7 @@ class SelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin [S, R] or [B, S, R]
         kernel: AttentionKernel,
         window: int,
-        info: object | None,
+        kept: KeptSet | None,
     ) -> torch.Tensor:  # [B, S, hidden]
         b, s, _ = x.shape
         d = self.head_dim
@@ -52,5 +53,5 @@ class SelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         p = self.attention_dropout if self.training else 0.0
-        out = kernel(q, k, v, window=window, info=info, dropout_p=p)  # [B, H, S, D]
+        out = kernel(q, k, v, window=window, kept=kept, dropout_p=p)  # [B, H, S, D]
         return self.dense(out.transpose(1, 2).reshape(b, s, self.heads * d))

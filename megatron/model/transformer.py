@@ -8,7 +8,9 @@ the token ids. `GPTModel` chains them on one device; the pipeline builder
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -30,14 +32,15 @@ from megatron.parallel.layers import (
     copy_to_tp,
     param_init_roles,
 )
-from megatron.sepllm.kernels import AttentionKernel, get_kernel
+from megatron.sepllm.info import KeptSet, build_kept_set
+from megatron.sepllm.kernels import AttentionKernel, flex_available, get_kernel, select_kernel
 
 
 @dataclass
 class BatchContext:
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [S, R] or [B, S, R]
-    info: object | None  # SepLLM kept-set description; None for full attention
-    seq_len: int
+    kept: KeptSet | None  # SepLLM kept set of the batch; None for full attention
+    seq_len: int  # queries of this forward (= keys: training / prefill)
 
 
 class Embedding(nn.Module):
@@ -75,14 +78,38 @@ class Block(nn.Module):
         self.drop = nn.Dropout(m.hidden_dropout)
         self.window, self.sep = window, sep
 
-    def kernel(self, seq_len: int, device: torch.device) -> AttentionKernel:
-        if self.sep.mode == "full" or self.window >= seq_len:
-            return get_kernel("causal", device)
-        return get_kernel(self.sep.attention_kernel, device, seq_len)
+    _dropout_warned = False
+
+    def kernel(self, kept: KeptSet | None, q_len: int, device: torch.device) -> AttentionKernel:
+        """This layer's kernel for `q_len` queries over `kept`'s keys (select_kernel decides)."""
+        pick = functools.partial(
+            select_kernel,
+            self.sep.attention_kernel,
+            device_type=device.type,
+            q_len=q_len,
+            kv_len=kept.kv_len if kept is not None else q_len,
+            window=self.window,
+            head_dim=self.attn.head_dim,
+            flex_available=flex_available(),
+            mode=self.sep.mode,
+            aligned=kept is None or kept.aligned,
+        )
+        dropout = self.attn.attention_dropout if self.attn.training else 0.0
+        name = pick(dropout_p=dropout)
+        if name == "dense" and dropout > 0.0 and not Block._dropout_warned:
+            fast = pick(dropout_p=0.0)
+            if fast != "dense":
+                warnings.warn(
+                    f"attention dropout > 0: the {fast} kernel has none, so the dense kernel "
+                    "runs instead",
+                    stacklevel=2,
+                )
+                Block._dropout_warned = True
+        return get_kernel(name)
 
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:  # [B, S, hidden]
-        kernel = self.kernel(ctx.seq_len, x.device)
-        attn = self.drop(self.attn(self.ln1(x), ctx.rope, kernel, self.window, ctx.info))
+        kernel = self.kernel(ctx.kept, ctx.seq_len, x.device)
+        attn = self.drop(self.attn(self.ln1(x), ctx.rope, kernel, self.window, ctx.kept))
         if self.parallel_residual:  # GPT-J / NeoX: both branches read the block input
             return x + attn + self.drop(self.mlp(self.ln2(x)))
         x = x + attn
@@ -112,7 +139,8 @@ class OutputHead(nn.Module):
 
 
 class BatchContextBuilder(nn.Module):
-    """Rotary tables and SepLLM info from the token ids: built once per batch (per stage)."""
+    """Rotary tables and the SepLLM kept set from the token ids: built once per batch (per
+    stage)."""
 
     def __init__(self, m: ModelConfig, sep: SepLLMConfig) -> None:
         super().__init__()
@@ -127,7 +155,7 @@ class BatchContextBuilder(nn.Module):
         self, ids: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
     ) -> BatchContext:
         rope = self.rotary.cos_sin(positions, dtype) if self.rotary is not None else None
-        return BatchContext(rope, build_info(ids, self.sep), ids.shape[1])
+        return BatchContext(rope, build_kept_set(ids, self.sep), ids.shape[1])
 
 
 class GPTModel(nn.Module):
@@ -171,14 +199,6 @@ class GPTModel(nn.Module):
             else:
                 x = block(x, ctx)
         return self.output(x, self.embedding.embed.weight)
-
-
-def build_info(input_ids: torch.Tensor, sep: SepLLMConfig) -> object | None:
-    if sep.mode == "full":
-        return None
-    from megatron.sepllm.info import build_sep_info  # noqa: PLC0415
-
-    return build_sep_info(input_ids, sep)
 
 
 def init_weights(model: nn.Module, m: ModelConfig) -> None:

@@ -8,12 +8,18 @@ combinations a single key cannot decide:
   * both mode flags false (the original's default meaning) -> mode sepllm;
   * USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS false -> the per-layer lists are ignored, as in the
     original (which ships default lists next to a false flag).
+The decode-time windows (generate_local_window_size, generate_win_loc_size_list) are accepted
+so original YAML files load, but set nothing: this trainer does not decode, so each logs a
+warning saying its value is not used.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def _sep_ids(value: Any) -> dict[str, Any]:
@@ -51,6 +57,19 @@ def _int_list(value: Any) -> list[int] | None:
     return None if value is None else [int(x) for x in value]
 
 
+def _decode_only(key: str) -> Callable[[Any], dict[str, Any]]:
+    def alias(value: Any) -> dict[str, Any]:
+        log.warning(
+            "sepllm config: %s=%r is a decode-time setting; this trainer does not decode, so it "
+            "is not used (the training window is prefill_local_window_size / local_window)",
+            key,
+            value,
+        )
+        return {}
+
+    return alias
+
+
 def _kernel_accelerator(value: Any) -> dict[str, Any]:
     # The original's flag selects its FlexAttention path; our 'auto' picks flex or compact on CUDA
     # and compact / dense on CPU (fastest measured), so a true flag keeps 'auto'; false: nothing.
@@ -61,10 +80,10 @@ SEPLLM_ALIASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "separator_token_ids": _sep_ids,
     "PADDING_ID": _field("pad_token_id", int),
     "prefill_local_window_size": _field("local_window", int),
-    "generate_local_window_size": _field("generate_window", int),
+    "generate_local_window_size": _decode_only("generate_local_window_size"),
     "USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS": lambda value: {},  # see apply_sepllm_aliases
     "prefill_loc_win_size_list": _field("local_window_per_layer", _int_list),
-    "generate_win_loc_size_list": _field("generate_window_per_layer", _int_list),
+    "generate_win_loc_size_list": _decode_only("generate_win_loc_size_list"),
     "init_tok_max_idx": _init_tok_max_idx,
     "USE_ORIGINAL_FULL_ATTEN": _flag_mode("full"),
     "streamingLLM": _flag_mode("streamingllm"),
@@ -101,8 +120,8 @@ def apply_sepllm_aliases(section: dict[str, Any]) -> dict[str, Any]:
             originals[name] = value
     use_layers = originals.get("USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS", True)
     for name, value in originals.items():
-        if not use_layers and name in ("prefill_loc_win_size_list", "generate_win_loc_size_list"):
-            continue  # the original ignores the lists unless the flag is on
+        if not use_layers and name == "prefill_loc_win_size_list":
+            continue  # the original ignores the list unless the flag is on
         for field, v in SEPLLM_ALIASES[name](value).items():
             _set(out, origin, field, v, name)
     flags = ("USE_ORIGINAL_FULL_ATTEN", "streamingLLM")

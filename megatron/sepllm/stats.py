@@ -8,30 +8,32 @@ at j <= i - w (the rest are inside the window already). So
     sum_i kept(i)  = sum_i min(i + 1, w) + sum_{p in init u P} max(0, S - w - p)
 
 which costs O(S) per row. Leading pads (left padding) count as ordinary keys, exactly as the
-kernels treat them.
+kernels treat them. Training batches only: the kept set must have the aligned layout.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron.sepllm.info import SepInfo
+from megatron.sepllm.info import KeptSet
 
 
-def _extra_positions(info: SepInfo, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _extra_positions(kept: KeptSet, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions beyond the window that can be kept: [B, a + M] long and a validity mask."""
-    a = info.init_tokens
-    init = info.init_start[:, None] + torch.arange(a, device=info.device)[None, :]  # [B, a]
+    a = kept.init_tokens
+    init = kept.init_start[:, None] + torch.arange(a, device=kept.device)[None, :]  # [B, a]
     init_ok = init < seq_len
-    M = info.sep_pos.shape[1]
-    sep_ok = torch.arange(M, device=info.device)[None, :] < info.sep_count[:, None]  # [B, M]
-    return torch.cat([init, info.sep_pos], 1), torch.cat([init_ok, sep_ok], 1)
+    M = kept.sep_pos.shape[1]
+    sep_ok = torch.arange(M, device=kept.device)[None, :] < kept.sep_count[:, None]  # [B, M]
+    return torch.cat([init, kept.sep_pos], 1), torch.cat([init_ok, sep_ok], 1)
 
 
-def kept_counts(info: SepInfo, window: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kept_counts(kept: KeptSet, window: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: (kept pairs [B] float64, kept keys of the last query [B] float64)."""
+    if not kept.aligned:
+        raise ValueError("kept statistics need the aligned (training) layout")
     S, w = seq_len, max(int(window), 1)
-    pos, ok = _extra_positions(info, S)
+    pos, ok = _extra_positions(kept, S)
     pos = pos.double()
     m = min(S, w)
     window_pairs = m * (m + 1) / 2 + max(S - w, 0) * w  # sum_i min(i + 1, w)
@@ -41,7 +43,7 @@ def kept_counts(info: SepInfo, window: int, seq_len: int) -> tuple[torch.Tensor,
     return pairs, last
 
 
-def kept_stats(info: SepInfo, windows: list[int], seq_len: int) -> dict[str, float]:
+def kept_stats(kept: KeptSet, windows: list[int], seq_len: int) -> dict[str, float]:
     """Kept-KV ratio and attention-map density per layer group (layers with equal window).
 
     kv_ratio/w{w}: kept keys of the last query / S;  density/w{w}: kept pairs / causal pairs;
@@ -52,7 +54,7 @@ def kept_stats(info: SepInfo, windows: list[int], seq_len: int) -> dict[str, flo
     out: dict[str, float] = {}
     kv_sum = dens_sum = 0.0
     for w in windows:
-        pairs, last = kept_counts(info, w, S)
+        pairs, last = kept_counts(kept, w, S)
         kv = float((last / S).mean())
         dens = float((pairs / causal_pairs).mean())
         out[f"kv_ratio/w{w}"] = kv

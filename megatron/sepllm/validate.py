@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from megatron.sepllm.config import SepLLMConfig
+from megatron.sepllm.kernels import AUTO, KERNELS
 
 MODES = ("full", "sepllm", "streamingllm")
-KERNELS = ("auto", "dense", "compact", "flex", "causal")
+KERNEL_CHOICES = (AUTO, *KERNELS)  # the registry is the one list of kernel names
 
 
 def _check_windows(name: str, windows: list[int] | None, num_layers: int) -> list[str]:
@@ -27,10 +28,10 @@ def validate_sepllm(sep: SepLLMConfig, num_layers: int, seq_length: int) -> list
     errors: list[str] = []
     if sep.mode not in MODES:
         errors.append(f"sepllm.mode {sep.mode!r} is unknown; choose one of {list(MODES)}")
-    if sep.attention_kernel not in KERNELS:
+    if sep.attention_kernel not in KERNEL_CHOICES:
         errors.append(
             f"sepllm.attention_kernel {sep.attention_kernel!r} is unknown; "
-            f"choose one of {list(KERNELS)}"
+            f"choose one of {list(KERNEL_CHOICES)}"
         )
     elif sep.attention_kernel == "causal" and sep.mode in ("sepllm", "streamingllm"):
         errors.append(
@@ -39,10 +40,7 @@ def validate_sepllm(sep: SepLLMConfig, num_layers: int, seq_length: int) -> list
         )
     if sep.local_window < 1:
         errors.append(f"sepllm.local_window must be >= 1, got {sep.local_window}")
-    if sep.generate_window < 1:
-        errors.append(f"sepllm.generate_window must be >= 1, got {sep.generate_window}")
     errors += _check_windows("local_window_per_layer", sep.local_window_per_layer, num_layers)
-    errors += _check_windows("generate_window_per_layer", sep.generate_window_per_layer, num_layers)
     if sep.init_tokens < 0:
         errors.append(f"sepllm.init_tokens must be >= 0, got {sep.init_tokens}")
     if seq_length < 1:

@@ -15,6 +15,8 @@ import torch.distributed as dist
 from megatron.config.loader import config_to_dict
 from megatron.config.schema import Config
 from megatron.parallel.topology import Parallelism
+from megatron.sepllm.info import build_kept_set
+from megatron.sepllm.stats import kept_stats
 from megatron.training import checkpoint, universal
 from megatron.training.batches import make_loader
 from megatron.training.metrics import MetricsWriter, format_line
@@ -147,11 +149,8 @@ class Trainer:
             return
         if self.iteration % s.print_ratio_intervals and self.iteration != 1:
             return
-        from megatron.sepllm.info import build_sep_info  # noqa: PLC0415
-        from megatron.sepllm.stats import kept_stats  # noqa: PLC0415
-
         tokens = torch.from_numpy(self.data.train[self.iteration]["text"][None, :-1])
-        stats = kept_stats(build_sep_info(tokens, s), self.cfg.derived.windows, tokens.shape[1])
+        stats = kept_stats(build_kept_set(tokens, s), self.cfg.derived.windows, tokens.shape[1])
         values.update({f"sepllm/{k}": v for k, v in stats.items()})
         if self.rank == 0:
             log.info("sepllm: %s", " ".join(f"{k} {v:.4f}" for k, v in stats.items()))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 import pytest
 
+from megatron.config import load_config
 from megatron.config.schema import SepLLMConfig
 from megatron.sepllm.aliases import SEPLLM_ALIASES, apply_sepllm_aliases, lookup_alias
 from megatron.sepllm.separators import default_tiktoken_file, separator_ids_for_file
@@ -38,14 +41,40 @@ def test_every_original_key_has_an_alias() -> None:
         ("streamingLLM", True, {"mode": "streamingllm"}),
         ("streamingLLM", False, {}),
         ("prefill_local_window_size", 64, {"local_window": 64}),
-        ("generate_win_loc_size_list", [8, 9], {"generate_window_per_layer": [8, 9]}),
         ("PADDING_ID", 0, {"pad_token_id": 0}),
         ("BATCH_ADAPTIVE_INIT_POS", True, {"batch_adaptive_init_pos": True}),
         ("PRINT_KV_RATIO", True, {"print_kv_ratio": True}),
     ],
 )
-def test_alias_values(key: str, value, expected) -> None:  # noqa: ANN001
+def test_alias_values(key: str, value, expected) -> None:
     assert SEPLLM_ALIASES[key](value) == expected
+
+
+@pytest.mark.parametrize(
+    "key, value", [("generate_local_window_size", 64), ("generate_win_loc_size_list", [8, 9])]
+)
+def test_decode_window_keys_are_accepted_with_a_warning(key: str, value, caplog) -> None:
+    """The original's decode-time windows load (so its YAML files do) but set nothing, and say
+    so: this trainer does not decode."""
+    with caplog.at_level(logging.WARNING, logger="megatron.sepllm.aliases"):
+        assert SEPLLM_ALIASES[key](value) == {}
+    assert any(key in r.getMessage() and "not used" in r.getMessage() for r in caplog.records)
+
+
+def test_decode_window_keys_in_yaml_warn(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "original.yml"
+    path.write_text(
+        "sepllm:\n  separator_token_ids: [13]\n  prefill_local_window_size: 32\n"
+        "  generate_local_window_size: 16\n  USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS: false\n"
+        "  generate_win_loc_size_list: [4, 4]\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="megatron.sepllm.aliases"):
+        cfg = load_config([path])
+    assert cfg.sepllm.local_window == 32
+    assert not hasattr(cfg.sepllm, "generate_window")
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "generate_local_window_size=16" in messages
+    assert "generate_win_loc_size_list=[4, 4]" in messages  # even with the list flag off
 
 
 def test_bipe_is_rejected() -> None:
@@ -72,7 +101,7 @@ def test_apply_aliases_section() -> None:
     assert lookup_alias("separator-token-ids") == "separator_token_ids"
 
 
-def _errors(**kw) -> list[str]:  # noqa: ANN003
+def _errors(**kw) -> list[str]:
     base = {"mode": "sepllm", "separator_token_ids": [13], "local_window": 64}
     return validate_sepllm(SepLLMConfig(**{**base, **kw}), num_layers=4, seq_length=256)
 
@@ -99,7 +128,7 @@ def test_validate_accepts_good_configs() -> None:
         ({"separator_token_ids": [-1]}, "negative ids"),
     ],
 )
-def test_validate_errors(kw, fragment: str) -> None:  # noqa: ANN001
+def test_validate_errors(kw, fragment: str) -> None:
     errors = _errors(**kw)
     assert any(fragment in e for e in errors), errors
 
@@ -116,7 +145,7 @@ def test_gpt2_separator_ids() -> None:
     assert extended[" ."] == 764 and extended["\n\n"] == 628
 
 
-def test_hf_tokenizer_json(tmp_path) -> None:  # noqa: ANN001
+def test_hf_tokenizer_json(tmp_path) -> None:
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -138,7 +167,7 @@ def test_hf_tokenizer_json(tmp_path) -> None:  # noqa: ANN001
     assert [t.text for t in found] == [".", ",", "?", "!", ";", ":", " ", "\t", "\n"]
 
 
-def test_neox20b_layout_gives_the_pythia_list(tmp_path) -> None:  # noqa: ANN001
+def test_neox20b_layout_gives_the_pythia_list(tmp_path) -> None:
     """A byte-level tokenizer.json laid out like GPT-NeoX-20B's (2 specials, then the printable
     bytes, with tab / newline / space at ids 186 / 187 / 209) gives the reference notes' Pythia
     list: the ids come from the file's vocabulary, not from assumptions."""

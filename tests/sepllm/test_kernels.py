@@ -1,5 +1,5 @@
 """SepLLM kernels against an independent reference: an explicit kept mask built with loops
-straight from the definition, and a plain masked softmax (no SDPA, no SepInfo helpers)."""
+straight from the definition, and a plain masked softmax (no SDPA, no KeptSet helpers)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import zlib
 import pytest
 import torch
 
-from megatron.config.schema import SepLLMConfig
-from megatron.sepllm.info import build_sep_info
+from megatron.config.schema import ModelConfig, SepLLMConfig
+from megatron.model.transformer import Block
+from megatron.sepllm.info import KeptSet, build_kept_set
 from megatron.sepllm.kernels import compact as compact_mod
-from megatron.sepllm.kernels import get_kernel
+from megatron.sepllm.kernels import flex_available, get_kernel
 from megatron.sepllm.kernels import parts as parts_mod
 
 SEP = 3  # separator id used by the synthetic batches
@@ -39,7 +40,7 @@ def reference_keep(
     return keep
 
 
-def reference_attention(q, k, v, keep):  # noqa: ANN001, ANN201
+def reference_attention(q, k, v, keep):
     """Masked softmax attention in fp64; keep [B, S, S]; GQA by repeating k / v."""
     rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(rep, 1)
@@ -82,18 +83,16 @@ CASES = [
 ]
 
 
-def _run(kernel_name, q, k, v, w, info, grad):  # noqa: ANN001, ANN202
+def _run(kernel_name, q, k, v, w, kept, grad):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = get_kernel(kernel_name)(q, k, v, window=w, info=info)
+    out = get_kernel(kernel_name)(q, k, v, window=w, kept=kept)
     out.backward(grad)
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _prepare(case, kernel, monkeypatch):  # noqa: ANN001, ANN202
+def _prepare(case, kernel, monkeypatch):
     """Kernel switches for `kernel`, the case's ids / config and inputs, and the fp64
     reference (out, dq, dk, dv) of the loop-built kept mask."""
-    # Exercise the two-part compact path even where it would hand short sequences to dense.
-    monkeypatch.setattr(compact_mod, "DENSE_BELOW_WINDOW_RATIO", 0)
     monkeypatch.setattr(compact_mod, "SEP_QUERY_GROUP", 32)  # several separator-part groups
     if kernel == "compact-math":  # the explicit-matmul backend (non-CPU, non-CUDA devices)
         monkeypatch.setattr(parts_mod, "BACKEND_OVERRIDE", "math")
@@ -122,12 +121,12 @@ def _prepare(case, kernel, monkeypatch):  # noqa: ANN001, ANN202
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[-1]}-S{c[3]}-w{c[5]}-a{c[6]}" for c in CASES])
 @pytest.mark.parametrize("kernel", ["dense", "compact", "compact-bshd", "compact-math"])
-def test_kernel_matches_reference(case, kernel, monkeypatch) -> None:  # noqa: ANN001
+def test_kernel_matches_reference(case, kernel, monkeypatch) -> None:
     ids, cfg, (q, k, v, grad), expected = _prepare(case, kernel, monkeypatch)
-    info = build_sep_info(ids, cfg)
+    kept = build_kept_set(ids, cfg)
     if kernel == "compact-bshd":  # [B, H, S, D] views of [B, S, H, D] storage, as in the model
         q, k, v, grad = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, grad))
-    got = _run(kernel.split("-")[0], q, k, v, cfg.local_window, info, grad)
+    got = _run(kernel.split("-")[0], q, k, v, cfg.local_window, kept, grad)
     for x, y in zip(got, expected, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
@@ -135,28 +134,54 @@ def test_kernel_matches_reference(case, kernel, monkeypatch) -> None:  # noqa: A
 def test_compact_plan_is_shared_across_layers() -> None:
     ids, _ = make_ids(2, 80, "random", torch.Generator().manual_seed(0))
     cfg = SepLLMConfig(mode="sepllm", separator_token_ids=[SEP], init_tokens=2, local_window=8)
-    info = build_sep_info(ids, cfg)
+    kept = build_kept_set(ids, cfg)
     q = torch.randn(2, 2, 80, 8)
     for w in (8, 8, 16):
-        get_kernel("compact")(q, q, q, window=w, info=info)
-    assert sum(1 for key in info.cache if key[0] == "compact") == 2  # one plan per window
+        get_kernel("compact")(q, q, q, window=w, kept=kept)
+    assert sum(1 for key in kept.cache if key[0] == "compact") == 2  # one plan per window
 
 
-def test_auto_kernel_choice() -> None:
-    assert get_kernel("auto", torch.device("cpu")) is get_kernel("compact")
-    assert get_kernel("auto") is get_kernel("compact")
+def test_unknown_kernel_name() -> None:
     with pytest.raises(ValueError, match="unknown attention kernel"):
         get_kernel("nope")
+    with pytest.raises(ValueError, match="unknown attention kernel"):
+        get_kernel("auto")  # resolved by select_kernel, never registered
 
 
-def test_compact_dropout_falls_back_to_dense() -> None:
+@pytest.mark.parametrize("name", ["compact", "flex"])
+def test_fast_kernels_reject_what_they_do_not_support(name: str) -> None:
+    """compact / flex run only the aligned training layout without dropout; select_kernel
+    sends everything else to causal / dense, and the kernels say so instead of re-dispatching."""
+    if name == "flex" and not flex_available():
+        pytest.skip("no FlexAttention in this torch")
     ids, _ = make_ids(1, 40, "random", torch.Generator().manual_seed(1))
     cfg = SepLLMConfig(mode="sepllm", separator_token_ids=[SEP], init_tokens=2, local_window=8)
-    info = build_sep_info(ids, cfg)
+    kept = build_kept_set(ids, cfg)
     q = torch.randn(1, 2, 40, 8)
-    with pytest.warns(UserWarning, match="dropout"):
-        out = get_kernel("compact")(q, q, q, window=8, info=info, dropout_p=0.5)
-    assert out.shape == q.shape
+    kern = get_kernel(name)
+    with pytest.raises(ValueError, match="dropout"):
+        kern(q, q, q, window=8, kept=kept, dropout_p=0.5)
+    with pytest.raises(ValueError, match="aligned"):
+        kern(q, q, q, window=8, kept=None)
+    decode = KeptSet.from_cache(
+        kept.key_pos, kept.is_sep, kept.init_start, kept.init_tokens, torch.arange(30, 40)
+    )
+    with pytest.raises(ValueError, match="aligned"):
+        kern(q[:, :, 30:], q, q, window=8, kept=decode)
+
+
+def test_block_warns_when_dropout_forces_the_dense_kernel(monkeypatch) -> None:
+    m = ModelConfig(
+        num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=600, attention_dropout=0.1
+    )
+    cfg = SepLLMConfig(mode="sepllm", separator_token_ids=[SEP], init_tokens=2, local_window=8)
+    block = Block(m, cfg, window=8)
+    kept = build_kept_set(torch.full((1, 600), SEP), cfg)
+    monkeypatch.setattr(Block, "_dropout_warned", False)
+    with pytest.warns(UserWarning, match="the compact kernel has none"):
+        assert block.kernel(kept, 600, torch.device("cpu")) is get_kernel("dense")
+    block.eval()  # no dropout at eval: the compact kernel again
+    assert block.kernel(kept, 600, torch.device("cpu")) is get_kernel("compact")
 
 
 def _flex_runs_on_cpu() -> bool:
@@ -165,14 +190,14 @@ def _flex_runs_on_cpu() -> bool:
         ids = torch.full((1, 16), 5)
         cfg = SepLLMConfig(mode="streamingllm", init_tokens=1, local_window=4)
         q = torch.randn(1, 1, 16, 8)
-        kern(q, q, q, window=4, info=build_sep_info(ids, cfg))
+        kern(q, q, q, window=4, kept=build_kept_set(ids, cfg))
     except Exception:
         return False
     return True
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4], CASES[6], CASES[8]])
-def test_flex_forward_matches_reference(case) -> None:  # noqa: ANN001
+def test_flex_forward_matches_reference(case) -> None:
     if not _flex_runs_on_cpu():
         pytest.skip("flex_attention cannot run on this CPU build")
     B, H, Hkv, S, D, w, a, kind = case
@@ -186,17 +211,17 @@ def test_flex_forward_matches_reference(case) -> None:  # noqa: ANN001
         local_window=w,
         batch_adaptive_init_pos=padded,
     )
-    info = build_sep_info(ids, cfg)
+    kept = build_kept_set(ids, cfg)
     q = torch.randn(B, H, S, D, generator=gen)
     k = torch.randn(B, Hkv, S, D, generator=gen)
     v = torch.randn(B, Hkv, S, D, generator=gen)
-    out = get_kernel("flex")(q, k, v, window=w, info=info)
+    out = get_kernel("flex")(q, k, v, window=w, kept=kept)
     ref = reference_attention(q, k, v, reference_keep(ids, seps, a, w, padded))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert any(key[0] == "flex" for key in info.cache)  # block mask cached per window
+    assert any(key[0] == "flex" for key in kept.cache)  # block mask cached per window
 
 
-def test_fused_cpu_parts_match_math_parts(monkeypatch) -> None:  # noqa: ANN001
+def test_fused_cpu_parts_match_math_parts(monkeypatch) -> None:
     """The CPU flash part op and the explicit-matmul part agree (rows that keep no key are
     compared on the output only: the fused op reports their log-sum-exp as 0, math as -inf)."""
     gen = torch.Generator().manual_seed(3)
@@ -229,12 +254,12 @@ CUDA_CASES = [c for c in CASES if c[3] >= 60]
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[-1]}-S{c[3]}-w{c[5]}" for c in CUDA_CASES])
 @pytest.mark.parametrize("kernel", ["compact", "compact-math", "flex", "dense"])
-def test_kernels_on_cuda(case, kernel, monkeypatch) -> None:  # noqa: ANN001
+def test_kernels_on_cuda(case, kernel, monkeypatch) -> None:
     """Forward and backward on the GPU (memory-efficient part op, explicit-matmul parts,
     compiled FlexAttention, mask reference) against the fp64 CPU reference."""
     ids, cfg, inputs, expected = _prepare(case, kernel, monkeypatch)
     q, k, v, grad = (t.cuda() for t in inputs)
-    info = build_sep_info(ids.cuda(), cfg)
-    got = _run(kernel.split("-")[0], q, k, v, cfg.local_window, info, grad)
+    kept = build_kept_set(ids.cuda(), cfg)
+    got = _run(kernel.split("-")[0], q, k, v, cfg.local_window, kept, grad)
     for x, y in zip(got, expected, strict=True):
         torch.testing.assert_close(x.cpu(), y, atol=2e-5, rtol=2e-5)

@@ -27,18 +27,20 @@ CPU flash op, CUDA's memory-efficient op, or explicit matmuls.
 
 Cost grows with the pairs computed: S * (nb+1) * bs + about S * M / 2, against kept
 pairs of about S * (a + w) + S * M / 2 and S^2 / 2 for causal attention.
+
+Contract: the aligned training layout only (queries and keys are the same S tokens), no
+attention dropout. `select_kernel` (kernels/__init__.py) decides when this kernel is used; it
+hands dropout, short sequences (S <= 4 w) and decode steps to the dense kernel.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from megatron.sepllm.info import SepInfo
-from megatron.sepllm.kernels.causal import causal_kernel
+from megatron.sepllm.info import KeptSet
 from megatron.sepllm.kernels.parts import part_backward, part_forward
 
 # Query group of the separator part. torch's CPU flash op tiles queries by 256 only when a call
@@ -47,10 +49,6 @@ from megatron.sepllm.kernels.parts import part_backward, part_forward
 # each group is one op call (a parallel region), so at most SEP_MAX_GROUPS groups.
 SEP_QUERY_GROUP = 768
 SEP_MAX_GROUPS = 16
-# Short sequences relative to the window (S <= 4 w, and small enough for an S x S mask) go to
-# the dense-mask path: the window part would compute nearly all causal pairs anyway.
-DENSE_BELOW_WINDOW_RATIO = 4
-DENSE_MAX_SEQ = 4096
 
 
 @dataclass
@@ -64,7 +62,7 @@ class _FarGroup:
 
 @dataclass
 class _Plan:
-    """Everything the kernel derives from (info, window): built once per batch, shared."""
+    """Everything the kernel derives from (kept set, window): built once per batch, shared."""
 
     bs: int  # query block of the window part
     nb: int  # previous blocks each block attends to
@@ -76,7 +74,7 @@ class _Plan:
     M: int  # width of the compact far keys actually used (max over groups)
 
     @property
-    def Sp(self) -> int:  # noqa: N802 (the padded sequence length)
+    def Sp(self) -> int:  # the padded sequence length
         return self.C * self.bs
 
 
@@ -95,7 +93,7 @@ def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask
 
 
-def _local_mask(window: int, B: int, bs: int, nb: int, C: int, dtype, dev):  # noqa: ANN001
+def _local_mask(window: int, B: int, bs: int, nb: int, C: int, dtype, dev):
     """[B * C, 1, bs, (nb+1)*bs]: query block c of a row sees key blocks c - nb .. c.
 
     Key slots before the row's start hold the previous row's keys (or zeros): masked. Keys past
@@ -110,30 +108,30 @@ def _local_mask(window: int, B: int, bs: int, nb: int, C: int, dtype, dev):  # n
     return _additive(keep[:, None].repeat(B, 1, 1, 1), dtype)
 
 
-def _far_keys(info: SepInfo) -> torch.Tensor:
+def _far_keys(kept: KeptSet) -> torch.Tensor:
     """[B, a + M] positions of the initial keys then the separators; S marks "no key".
 
     Initial keys come before every separator (separators are outside and after the initial
     range), so the row stays sorted.
     """
-    S, a, dev = info.seq_len, info.init_tokens, info.device
+    S, a, dev = kept.kv_len, kept.init_tokens, kept.device
     parts = []
     if a > 0:
-        pi = info.init_start[:, None] + torch.arange(a, device=dev)[None, :]  # [B, a]
+        pi = kept.init_start[:, None] + torch.arange(a, device=dev)[None, :]  # [B, a]
         parts.append(pi.clamp(max=S))
-    parts.append(info.sep_pos)
+    parts.append(kept.sep_pos)
     return torch.cat(parts, dim=1)
 
 
-def _far_groups(info: SepInfo, window: int, dtype: torch.dtype):
+def _far_groups(kept: KeptSet, window: int, dtype: torch.dtype):
     """Causal tiling of the far part (initial keys and separators at least w back).
 
     Returns (far_pos [B, M], groups, M); query group g sees only the far keys at least w before
     its last query, so the work is about half the S x M rectangle.
     """
-    S, dev = info.seq_len, info.device
+    S, dev = kept.kv_len, kept.device
     groups: list[_FarGroup] = []
-    pos = _far_keys(info)  # [B, Mt], sorted, padded with S
+    pos = _far_keys(kept)  # [B, Mt], sorted, padded with S
     if pos.shape[1] == 0:
         return None, groups, 0
     n_groups = max(1, min(SEP_MAX_GROUPS, S // SEP_QUERY_GROUP))
@@ -153,16 +151,16 @@ def _far_groups(info: SepInfo, window: int, dtype: torch.dtype):
     return pos[:, :M].clamp(max=S - 1).contiguous(), groups, M
 
 
-def _build_plan(info: SepInfo, window: int, dtype: torch.dtype) -> _Plan:
-    S, B = info.seq_len, info.batch_size
+def _build_plan(kept: KeptSet, window: int, dtype: torch.dtype) -> _Plan:
+    S, B = kept.kv_len, kept.batch_size
     bs = block_size(window)
     nb = -(-(window - 1) // bs)  # ceil((w-1)/bs): previous blocks a window can reach
     C = -(-S // bs)
-    mask1 = _local_mask(window, B, bs, nb, C, dtype, info.device)
-    far_pos, groups, M = _far_groups(info, window, dtype)
+    mask1 = _local_mask(window, B, bs, nb, C, dtype, kept.device)
+    far_pos, groups, M = _far_groups(kept, window, dtype)
     far_flat = None
     if groups:
-        rows = torch.arange(B, device=info.device)[:, None]
+        rows = torch.arange(B, device=kept.device)[:, None]
         far_flat = (rows * (C * bs) + far_pos).reshape(-1)
     return _Plan(bs, nb, C, B, mask1, far_flat, groups, M)
 
@@ -243,7 +241,7 @@ def _fold_keys(dk1: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 class _CompactAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: _Plan):  # noqa: ANN001
+    def forward(ctx, q, k, v, plan: _Plan):
         B, H, S, D = q.shape
         qs = _bshd(q, plan.Sp)  # [B, H, Sp, D]
         kp, vp = _padded_keys(k, plan), _padded_keys(v, plan)
@@ -265,7 +263,7 @@ class _CompactAttention(torch.autograd.Function):
         return out[:, :, :S]
 
     @staticmethod
-    def backward(ctx, d_out):  # noqa: ANN001
+    def backward(ctx, d_out):
         qs, kp, vp, k_far, v_far, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
         B, H, S, D = d_out.shape
@@ -314,7 +312,7 @@ def _gather_far(flat: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return rows.view(plan.B, plan.M, H, D).transpose(1, 2)
 
 
-def _merge(o, l1, og, lg, empty) -> None:  # noqa: ANN001
+def _merge(o, l1, og, lg, empty) -> None:
     """Merge part (og, lg) into (o, l1) in place by log-sum-exp; rows in `empty` saw no key."""
     lg = lg.masked_fill_(empty, -math.inf)  # the op's own output: safe to overwrite
     merged = torch.logaddexp(l1, lg)
@@ -323,45 +321,31 @@ def _merge(o, l1, og, lg, empty) -> None:  # noqa: ANN001
     l1.copy_(merged)
 
 
-_dropout_warned = False
-
-
 def compact_kernel(
     q: torch.Tensor,  # [B, H, S, D]
     k: torch.Tensor,  # [B, Hkv, S, D]
     v: torch.Tensor,  # [B, Hkv, S, D]
     *,
     window: int,
-    info: SepInfo | None,
+    kept: KeptSet | None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:  # [B, H, S, D]
+    """The aligned training layout only (queries and keys at positions 0..S-1), without
+    dropout; `select_kernel` sends every other call elsewhere."""
     B, H, S, D = q.shape
-    gqa = k.shape[1] != H
-    if info is None or window >= S:  # every causal pair is kept
-        return causal_kernel(q, k, v, window=window, info=None, dropout_p=dropout_p)
-    if dropout_p > 0.0:
-        # Attention-probability dropout needs the full probability tiles: use the reference.
-        global _dropout_warned
-        if not _dropout_warned:
-            warnings.warn(
-                "compact kernel: dropout_p > 0 falls back to the dense kernel", stacklevel=2
-            )
-            _dropout_warned = True
-        from megatron.sepllm.kernels.dense import dense_kernel
-
-        return dense_kernel(q, k, v, window=window, info=info, dropout_p=dropout_p)
+    if kept is None or not kept.aligned or kept.kv_len != S or k.shape[2] != S:
+        raise ValueError(
+            "compact kernel: needs the aligned kept set of this batch (training layout); "
+            "full attention and decode steps go to the causal / dense kernels"
+        )
+    if dropout_p > 0.0:  # attention-probability dropout needs the full probability tiles
+        raise ValueError("compact kernel: no attention dropout; the dense kernel has it")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    if S <= DENSE_BELOW_WINDOW_RATIO * window and S <= DENSE_MAX_SEQ:
-        # The window alone covers most causal pairs: nothing to skip, and one masked SDPA call
-        # beats the two-part split (measured: S=1024, w=256 compact 0.87x the mask reference).
-        from megatron.sepllm.kernels.dense import dense_kernel
-
-        return dense_kernel(q, k, v, window=window, info=info)
-    if gqa:  # expand outside the Function (BSHD layout): autograd sums the group gradients
+    if k.shape[1] != H:  # expand outside the Function (BSHD layout): autograd sums the groups
         k, v = _expand_kv(k, H), _expand_kv(v, H)
-    plan = info.window_cache(
-        ("compact", window, q.dtype, q.device), lambda: _build_plan(info, window, q.dtype)
+    plan = kept.window_cache(
+        ("compact", window, q.dtype, q.device), lambda: _build_plan(kept, window, q.dtype)
     )
     return _CompactAttention.apply(q, k, v, plan)
 

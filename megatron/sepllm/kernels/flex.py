@@ -2,7 +2,7 @@
 
 The mask_mod evaluates the kept-set definition from [B, S] tensors (separator flags, initial
 range start), so no S x S mask exists; the block mask (which 128 x 128 tiles have any kept
-pair) is built once per batch and window and cached on the SepInfo, shared by all layers.
+pair) is built once per batch and window and cached on the KeptSet, shared by all layers.
 On CUDA flex_attention is compiled (fused forward and backward). On CPU it runs eagerly,
 forward only in practice (the eager path is a dense reference, and there is no CPU backward
 kernel); it is tested there against the dense reference.
@@ -10,6 +10,11 @@ kernel); it is tested there against the dense reference.
 Known limit (as in the paper): with separators in nearly every 128-token tile almost no tile
 can be skipped, so the speed-up over causal attention is small; the compact kernel's cost
 follows the kept pairs instead.
+
+Contract: the aligned training layout only (query and key indices are text positions), no
+dropout, and on CUDA a head dim of at least 16 (compiled flex rejects smaller ones:
+"NYI: embedding dimension ... must be at least 16", torch 2.11). `select_kernel`
+(kernels/__init__.py) hands everything else to the compact or dense kernel.
 """
 
 from __future__ import annotations
@@ -22,11 +27,9 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from megatron.sepllm.info import SepInfo
-from megatron.sepllm.kernels.causal import causal_kernel
+from megatron.sepllm.info import KeptSet
 
 _compiled_flex: Callable[..., Any] | None = None
-FLEX_MIN_HEAD_DIM = 16  # "NYI: embedding dimension ... must be at least 16" (torch 2.11)
 
 
 def _flex_fn(device: torch.device) -> Callable[..., Any]:
@@ -39,13 +42,14 @@ def _flex_fn(device: torch.device) -> Callable[..., Any]:
     return _compiled_flex
 
 
-def sep_mask_mod(info: SepInfo, window: int) -> Callable[..., torch.Tensor]:
-    """mask_mod(b, h, q_idx, kv_idx) -> bool of the SepLLM kept set (see info.py)."""
-    is_sep = info.is_sep  # [B, S] bool
-    start = info.init_start  # [B] long
-    a = info.init_tokens
+def sep_mask_mod(kept: KeptSet, window: int) -> Callable[..., torch.Tensor]:
+    """mask_mod(b, h, q_idx, kv_idx) -> bool of the SepLLM kept set (see info.py); in the
+    aligned layout indices are text positions."""
+    is_sep = kept.is_sep  # [B, S] bool
+    start = kept.init_start  # [B] long
+    a = kept.init_tokens
 
-    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 (traced by flex)
+    def mask_mod(b, h, q_idx, kv_idx):  # traced by flex
         causal = kv_idx <= q_idx
         init = (kv_idx >= start[b]) & (kv_idx < start[b] + a)
         local = q_idx - kv_idx < window
@@ -54,13 +58,13 @@ def sep_mask_mod(info: SepInfo, window: int) -> Callable[..., torch.Tensor]:
     return mask_mod
 
 
-def build_block_mask(info: SepInfo, window: int, device: torch.device) -> Any:
-    S = info.seq_len
+def build_block_mask(kept: KeptSet, window: int, device: torch.device) -> Any:
+    S = kept.kv_len
     kwargs: dict[str, Any] = {"device": device}
     # _compile=True evaluates the mask_mod tile by tile instead of on a dense [B, S, S] grid.
     if device.type == "cuda" and "_compile" in inspect.signature(create_block_mask).parameters:
         kwargs["_compile"] = True
-    return create_block_mask(sep_mask_mod(info, window), info.batch_size, None, S, S, **kwargs)
+    return create_block_mask(sep_mask_mod(kept, window), kept.batch_size, None, S, S, **kwargs)
 
 
 def flex_kernel(
@@ -69,23 +73,20 @@ def flex_kernel(
     v: torch.Tensor,  # [B, Hkv, S, D]
     *,
     window: int,
-    info: SepInfo | None,
+    kept: KeptSet | None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:  # [B, H, S, D]
     S = q.shape[2]
+    if kept is None or not kept.aligned or kept.kv_len != S or k.shape[2] != S:
+        raise ValueError(
+            "flex kernel: needs the aligned kept set of this batch (training layout); "
+            "full attention and decode steps go to the causal / dense kernels"
+        )
+    if dropout_p > 0.0:
+        raise ValueError("flex kernel: flex_attention has no dropout; the dense kernel has it")
     gqa = k.shape[1] != q.shape[1]
-    if info is None or window >= S:  # every causal pair is kept
-        return causal_kernel(q, k, v, window=window, info=None, dropout_p=dropout_p)
-    if dropout_p > 0.0:  # flex_attention has no dropout: exact reference instead
-        from megatron.sepllm.kernels.dense import dense_kernel
-
-        return dense_kernel(q, k, v, window=window, info=info, dropout_p=dropout_p)
-    if q.device.type == "cuda" and q.shape[-1] < FLEX_MIN_HEAD_DIM:  # compiled flex rejects
-        from megatron.sepllm.kernels.compact import compact_kernel
-
-        return compact_kernel(q, k, v, window=window, info=info)
-    block_mask = info.window_cache(
-        ("flex", window, q.device), lambda: build_block_mask(info, window, q.device)
+    block_mask = kept.window_cache(
+        ("flex", window, q.device), lambda: build_block_mask(kept, window, q.device)
     )
     with warnings.catch_warnings():
         # Eager (CPU) flex warns that it is unfused; that path is for tests only.

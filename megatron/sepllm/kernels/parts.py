@@ -72,7 +72,7 @@ def part_backward(
     return _math_backward(d_out, q, k, v, out, lse, mask)
 
 
-def _cuda_backward(d_out, q, k, v, out, lse, mask):  # noqa: ANN001, ANN202 (see part_backward)
+def _cuda_backward(d_out, q, k, v, out, lse, mask):  # see part_backward
     # The op expects the log-sum-exp it produced: padded to a multiple of 32 queries.
     n, h, sq = lse.shape
     lse_p = lse.new_zeros(n, h, -(-sq // 32) * 32)
@@ -99,14 +99,14 @@ def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return (q.float() @ k.float().transpose(-1, -2)) * scale + mask.float()  # [N, H, Sq, Sk]
 
 
-def _math_forward(q, k, v, mask):  # noqa: ANN001, ANN202 (see part_forward)
+def _math_forward(q, k, v, mask):  # see part_forward
     s = _scores(q, k, mask)
     lse = torch.logsumexp(s, dim=-1)  # -inf for rows that keep nothing
     p = torch.exp(s - lse.masked_fill(lse == -math.inf, 0.0)[..., None])
     return (p @ v.float()).to(q.dtype), lse
 
 
-def _math_backward(d_out, q, k, v, out, lse, mask):  # noqa: ANN001, ANN202 (see part_backward)
+def _math_backward(d_out, q, k, v, out, lse, mask):  # see part_backward
     scale = 1.0 / math.sqrt(q.shape[-1])
     p = torch.exp(_scores(q, k, mask) - lse[..., None])  # this part's share of the softmax
     do = d_out.float()
