@@ -1,7 +1,10 @@
 """deepy.py: validate the config once, prepare bundled data, then start the ranks.
 
-Every rank receives the same serialized config sources (not paths), so nodes need not share
-the YAML files. How the ranks start (docs/launch.md):
+Every rank receives the same config sources (parsed YAMLs and overrides, not paths), so nodes
+need not share the YAML files: as a JSON file (`train.py --config-file PATH`, written
+atomically to `<save>/launch/` or --config-dir) when every rank starts on this host, else in
+the environment (`--config-env PYTHON_SEPNEOX_CONFIG`, which DeepSpeed's runner and srun
+forward to every node); `--config-via` forces either. How the ranks start (docs/launch.md):
 - one node: DeepSpeed's runner, `--num_gpus N` local processes;
 - hostfile: DeepSpeed's runner over pdsh (ssh) or mpirun (openmpi, mpich, mvapich, impi);
 - `--node-rank K` on every node: DeepSpeed's runner with --no_ssh starts this node's ranks;
@@ -16,9 +19,11 @@ import logging
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -27,7 +32,13 @@ import torch
 from megatron.config.launcher import MPI_LAUNCHERS, validate_launcher
 from megatron.config.loader import ConfigError, build_config, merge_sources
 from megatron.config.schema import Config, LauncherConfig
-from megatron.config.sources import encode_sources, gather_sources
+from megatron.config.sources import (
+    CONFIG_ENV,
+    Sources,
+    encode_sources,
+    gather_sources,
+    write_sources_file,
+)
 from megatron.config.validate import validate
 from megatron.data.bundled import prepare_bundled_data
 from megatron.launch import hosts, slurm
@@ -35,6 +46,7 @@ from megatron.launch import hosts, slurm
 log = logging.getLogger("megatron")
 
 HOSTFILE = "<hostfile>"  # stands for a hostfile deepy.py writes just before launching
+CONFIG_ARGS = "<config-args>"  # stands for train.py's --config-file / --config-env arguments
 
 
 @dataclass
@@ -44,6 +56,8 @@ class LaunchPlan:
     world_size: int | None  # when knowable before launch
     hostfile_text: str | None = None  # contents for HOSTFILE, when argv uses it
     needs: list[str] = field(default_factory=list)  # programs that must be installed
+    remote: bool = False  # ranks start on other hosts (pdsh, mpirun or srun over nodes)
+    env: dict[str, str] = field(default_factory=dict)  # set for the launcher and the ranks
 
 
 def procs_per_node(lc: LauncherConfig) -> int:
@@ -113,7 +127,9 @@ def _hostfile_plan(lc: LauncherConfig) -> LaunchPlan:
         text, lc_args, needs = None, lc.launcher_args or "", ["pdsh"] if multi else []
     if lc_args:
         args += ["--launcher_args", lc_args]
-    return LaunchPlan("deepspeed", args + _common_args(lc), hosts.world_size(pool), text, needs)
+    plan = LaunchPlan("deepspeed", args + _common_args(lc), hosts.world_size(pool), text, needs)
+    plan.remote = multi
+    return plan
 
 
 def _slurm_plan(lc: LauncherConfig, script: str, script_args: list[str]) -> LaunchPlan:
@@ -122,7 +138,7 @@ def _slurm_plan(lc: LauncherConfig, script: str, script_args: list[str]) -> Laun
     if world is None and os.environ.get("SLURM_NTASKS"):  # inside sbatch: the allocation's
         world = int(os.environ["SLURM_NTASKS"])
     cmd = slurm.srun_command(lc, per_node, script, script_args)
-    return LaunchPlan("srun", cmd, world, needs=["srun"])
+    return LaunchPlan("srun", cmd, world, needs=["srun"], remote=True)
 
 
 def build_plan(lc: LauncherConfig, script: str, script_args: list[str]) -> LaunchPlan:
@@ -148,9 +164,10 @@ def build_plan(lc: LauncherConfig, script: str, script_args: list[str]) -> Launc
 
 
 def describe(plan: LaunchPlan) -> str:
-    """The command, shell-quoted, with the serialized config shortened."""
+    """The command, shell-quoted, with a serialized config (variable or argument) shortened."""
     argv = [a if len(a) < 200 else "<config>" for a in plan.argv]
-    text = shlex.join(["deepspeed", *argv] if plan.program == "deepspeed" else argv)
+    env = [f"{k}={v if len(v) < 200 else '<config>'}" for k, v in plan.env.items()]
+    text = shlex.join([*env, *(["deepspeed", *argv] if plan.program == "deepspeed" else argv)])
     if plan.hostfile_text:
         text += f"\n{HOSTFILE}:\n{plan.hostfile_text.rstrip()}"
     return text
@@ -184,6 +201,9 @@ def materialized(plan: LaunchPlan) -> Iterator[list[str]]:
 
 
 def execute(plan: LaunchPlan) -> int:
+    # The runner copies this process's environment to local ranks and exports PYTHON*
+    # variables to remote ones; srun passes it on (--export=ALL is its default).
+    os.environ.update(plan.env)
     with materialized(plan) as argv:
         if plan.program == "srun":
             return subprocess.call(argv)
@@ -228,12 +248,59 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--dry-run", action="store_true", help="print the launch command only")
     p.add_argument(
+        "--config-via",
+        choices=("auto", "file", "env"),
+        default="auto",
+        help="how the ranks get the config: a JSON file (train.py --config-file) or the "
+        f"variable {CONFIG_ENV} (--config-env); auto: file when every rank starts on this "
+        "host, env when they start on other nodes (no shared file system needed)",
+    )
+    p.add_argument(
+        "--config-dir",
+        default=None,
+        help="where --config-via file writes config-<time>-<host>-<pid>.json (default: "
+        "<save>/launch when `save` is set, else the temp directory); must be visible to "
+        "every rank",
+    )
+    p.add_argument(
         "--print-config",
         action="store_true",
-        help="validate, then print only the serialized config for `train.py --config-b64` "
-        "(e.g. in an sbatch script that runs srun itself)",
+        help=f"validate, then print only the serialized config, for {CONFIG_ENV}=... with "
+        "`train.py --config-env` (or `train.py --config-b64`) in an sbatch script that runs "
+        "srun itself",
     )
     return p.parse_args(argv)
+
+
+def config_dir(cfg: Config, requested: str | None) -> str:
+    if requested:
+        return os.path.abspath(requested)
+    if cfg.checkpoint.save:
+        return os.path.join(os.path.abspath(cfg.checkpoint.save), "launch")
+    return os.path.join(tempfile.gettempdir(), f"deepy-{os.getuid()}")
+
+
+def config_file_name() -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return f"config-{stamp}-{socket.gethostname()}-{os.getpid()}.json"
+
+
+def pass_config(
+    plan: LaunchPlan, via: str, sources: Sources, raw: dict[str, str], directory: str
+) -> str | None:
+    """Put train.py's config arguments into plan.argv (and the variable into plan.env);
+    returns the file to write before launching, if any."""
+    if via == "auto":
+        via = "env" if plan.remote else "file"
+    path = None
+    if via == "file":
+        path = os.path.join(directory, config_file_name())
+        args = ["--config-file", path]
+    else:
+        plan.env[CONFIG_ENV] = encode_sources(sources, raw)
+        args = ["--config-env", CONFIG_ENV]
+    plan.argv = [x for a in plan.argv for x in (args if a == CONFIG_ARGS else [a])]
+    return path
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -254,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         validate_launcher(cfg.launcher, errors)  # first: build_plan relies on it
         if errors:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
-        plan = build_plan(cfg.launcher, args.script, ["--config-b64", ""])
+        plan = build_plan(cfg.launcher, args.script, [CONFIG_ARGS])
         validate(cfg, plan.world_size or 1)
         if not (args.dry_run or args.print_config):
             preflight(plan)
@@ -262,12 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"deepy.py: {exc}", file=sys.stderr)
         return 2
-    plan.argv[-1] = encode_sources(sources, raw)
     if args.print_config:
-        print(plan.argv[-1])
+        print(encode_sources(sources, raw))
         return 0
+    path = pass_config(plan, args.config_via, sources, raw, config_dir(cfg, args.config_dir))
     if args.dry_run:
         print(describe(plan))
         return 0
+    if path is not None:
+        write_sources_file(path, sources, raw)
     log.info("%s", describe(plan))
     return execute(plan)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,15 @@ import yaml
 
 from megatron.config import ConfigError
 from megatron.config.schema import LauncherConfig
-from megatron.config.sources import decode_sources
+from megatron.config.sources import (
+    CONFIG_ENV,
+    decode_sources,
+    launch_sources,
+    read_sources_env,
+    read_sources_file,
+)
 from megatron.launch import deepy, hosts
+from megatron.training.main import parse_args as train_parse_args
 from tests.conftest import run_cli
 
 TRAIN = {
@@ -89,16 +98,28 @@ def test_resolve_pool_errors(hostfile: str, kw: dict[str, Any], message: str) ->
         hosts.resolve_pool(lc, hosts.read_hostfile(hostfile))
 
 
+CONFIG_FILE = r"/\S+/config-\d{8}T\d{6}Z-[^/\s]+-\d+\.json"  # config-<time>-<host>-<pid>.json
+
+
 def test_single_node(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = dry_run(tmp_path, capsys, "--num-gpus", "2")
-    assert out.strip() == (
-        "deepspeed --num_gpus 2 --master_port 29612 train.py --config-b64 '<config>'"
-    )
+    out = dry_run(tmp_path, capsys, "--num-gpus", "2", "--config-dir", str(tmp_path / "cfgs"))
+    # A readable command: the config travels in a file, not as a blob on the command line.
+    assert re.fullmatch(
+        "deepspeed --num_gpus 2 --master_port 29612 train.py --config-file "
+        + re.escape(str(tmp_path / "cfgs"))
+        + r"/config-\d{8}T\d{6}Z-[^/\s]+-\d+\.json",
+        out.strip(),
+    ), out
+    assert not (tmp_path / "cfgs").exists()  # --dry-run writes nothing
 
 
 def test_pdsh_hostfile(tmp_path: Path, capsys: pytest.CaptureFixture, hostfile: str) -> None:
     out = dry_run(tmp_path, capsys, hostfile=hostfile, num_nodes=2, master_addr="worker-0")
-    assert shlex.split(out)[:12] == [
+    # Other nodes may not share a file system: the config rides in a PYTHON* variable, which
+    # DeepSpeed's runner exports to every node.
+    assert shlex.split(out)[-2:] == ["--config-env", CONFIG_ENV]
+    assert shlex.split(out)[:13] == [
+        f"{CONFIG_ENV}=<config>",
         "deepspeed",
         "--hostfile",
         hostfile,
@@ -148,11 +169,13 @@ def test_openmpi_gets_a_trimmed_hostfile(
 def test_no_ssh_node_rank_without_hostfile(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     flags = ("--node-rank", "1", "--num-nodes", "2", "--num-gpus", "3")
     out = dry_run(tmp_path, capsys, *flags, "--master-addr", "10.0.0.1")
-    assert out.strip() == (
+    # deepy.py runs on every node, so each node writes its own file: no shared file system.
+    assert re.fullmatch(
         "deepspeed --hostfile '<hostfile>' --no_ssh --node_rank 1 --master_addr 10.0.0.1 "
-        "--master_port 29612 train.py --config-b64 '<config>'\n"
-        "<hostfile>:\nnode0 slots=3\nnode1 slots=3"
-    )
+        "--master_port 29612 train.py --config-file " + CONFIG_FILE + "\n"
+        "<hostfile>:\nnode0 slots=3\nnode1 slots=3",
+        out.strip(),
+    ), out
 
 
 def test_no_ssh_node_rank_with_hostfile(
@@ -172,10 +195,12 @@ def test_node_rank_is_not_sent_to_ranks(
     monkeypatch.setattr(deepy, "execute", lambda plan: launched.append(plan) or 0)
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump({**TRAIN, "num_nodes": 2, "master_addr": "127.0.0.1"}))
-    assert deepy.main(["train.py", str(cfg), "--node-rank", "1", "--set", "seed=3"]) == 0
+    flags = ["--node-rank", "1", "--set", "seed=3", "--config-dir", str(tmp_path)]
+    assert deepy.main(["train.py", str(cfg), *flags]) == 0
     (plan,) = launched
     assert plan.world_size == 2 and plan.argv[plan.argv.index("--node_rank") + 1] == "1"
-    sources, _ = decode_sources(plan.argv[-1])
+    assert plan.argv[-2] == "--config-file" and not plan.env
+    sources, _ = read_sources_file(plan.argv[-1])
     # Every node sends the same config: node_rank stays out, --set overrides go in.
     assert dict(sources)["overrides"] == {"seed": 3}
 
@@ -184,6 +209,7 @@ def test_slurm_srun_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     out = dry_run(tmp_path, capsys, launcher="slurm", num_nodes=2, num_gpus=4, exclude="bad1")
     # srun takes the hosts from the allocation; --nodes and --exclude combine.
     argv = shlex.split(out)
+    assert argv.pop(0) == f"{CONFIG_ENV}=<config>"  # srun hands its environment to the tasks
     assert argv[:6] == [
         "srun",
         "--nodes=2",
@@ -192,7 +218,7 @@ def test_slurm_srun_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
         "--exclude=bad1",
         "--kill-on-bad-exit=1",
     ]
-    assert argv[-3:] == ["train.py", "--config-b64", "<config>"]
+    assert argv[-3:] == ["train.py", "--config-env", CONFIG_ENV]
 
 
 @pytest.mark.parametrize(
@@ -240,3 +266,67 @@ def test_print_config_for_sbatch(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert deepy.main(["train.py", str(cfg), "--print-config", "--launcher", "slurm"]) == 0
     sources, raw = decode_sources(capsys.readouterr().out.strip())
     assert dict(sources)["overrides"] == {"launcher": "slurm"} and str(cfg) in raw
+
+
+def _launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *flags: str, **keys: Any):
+    """deepy.main up to the launch; returns (plan, the environment execute() would set)."""
+    launched: list[deepy.LaunchPlan] = []
+    monkeypatch.setattr(deepy, "execute", lambda plan: launched.append(plan) or 0)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({**TRAIN, **keys}))
+    assert deepy.main(["train.py", str(cfg), *flags]) == 0
+    return launched[0], cfg
+
+
+def test_config_file_next_to_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save = tmp_path / "ckpt"
+    plan, cfg = _launch(tmp_path, monkeypatch, "--set", "seed=5", save=str(save))
+    path = Path(plan.argv[-1])
+    assert plan.argv[-2] == "--config-file" and path.parent == save / "launch"
+    payload = json.loads(path.read_text())  # readable JSON, written atomically
+    assert payload["format"] == 1 and "deepy.py on " in payload["written_by"]
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+    # What train.py on a rank reads back: the same sources and raw YAML text.
+    args = train_parse_args(plan.argv[plan.argv.index("train.py") + 1 :])
+    sources, raw = launch_sources(args.config_file, args.config_env, args.config_b64)
+    assert dict(sources)["overrides"] == {"seed": 5} and raw == {str(cfg): cfg.read_text()}
+
+
+def test_config_via_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, cfg = _launch(tmp_path, monkeypatch, "--config-via", "env", "--num-gpus", "2")
+    assert plan.argv[-2:] == ["--config-env", CONFIG_ENV] and len(plan.env[CONFIG_ENV]) > 200
+    monkeypatch.setenv(CONFIG_ENV, plan.env[CONFIG_ENV])
+    sources, raw = read_sources_env()
+    assert str(cfg) in raw and dict(sources)[str(cfg)]["seq_length"] == 32
+    monkeypatch.delenv(CONFIG_ENV)
+    with pytest.raises(ConfigError, match="did not forward it"):
+        read_sources_env()
+
+
+def test_config_via_file_on_many_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hostfile: str
+) -> None:
+    monkeypatch.setattr(deepy, "preflight", lambda plan: None)  # no pdsh needed here
+    shared = tmp_path / "shared"
+    flags = ("--config-via", "file", "--config-dir", str(shared))
+    plan, _ = _launch(tmp_path, monkeypatch, *flags, hostfile=hostfile, master_addr="worker-0")
+    assert plan.remote and not plan.env and Path(plan.argv[-1]).parent == shared
+    assert "<config>" not in deepy.describe(plan)
+
+
+def test_missing_config_file_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--config-via env"):
+        read_sources_file(str(tmp_path / "nowhere.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"something": 1}')
+    with pytest.raises(ConfigError, match="not a config written by deepy.py"):
+        read_sources_file(str(bad))
+
+
+def test_train_takes_yaml_or_launch_config_not_both(tmp_path: Path) -> None:
+    assert train_parse_args(["a.yml", "--set", "x=1"]).configs == ["a.yml"]
+    assert train_parse_args(["--config-file", "c.json"]).config_file == "c.json"
+    with pytest.raises(SystemExit):
+        train_parse_args(["a.yml", "--config-file", "c.json"])
+    with pytest.raises(SystemExit):
+        train_parse_args(["--config-file", "c.json", "--config-env", CONFIG_ENV])
