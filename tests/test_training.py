@@ -132,9 +132,10 @@ def test_keep_last_and_complete_markers(tmp_path: Path, shakespeare) -> None:
 
 @pytest.mark.parametrize("mode", ["sepllm", "streamingllm"])
 def test_sparse_attention_model_trains(tmp_path: Path, shakespeare, mode: str) -> None:
-    from megatron.sepllm.separators import separator_ids_for_file
+    from megatron.data.tokenizers import tokenizer_for_file
+    from megatron.sepllm.separators import separator_ids
 
-    seps = [t.id for t in separator_ids_for_file(shakespeare[1])] if mode == "sepllm" else []
+    seps = separator_ids(tokenizer_for_file(shakespeare[1])) if mode == "sepllm" else []
     cfg = write_config(
         tmp_path,
         shakespeare,

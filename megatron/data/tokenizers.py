@@ -1,7 +1,10 @@
 """Tokenizers with the NeoX interface, chosen by ``DataConfig.tokenizer_type``.
 
 Every tokenizer exposes ``vocab_size``, ``eod`` (end-of-document id appended between documents),
-``pad``, ``tokenize`` and ``detokenize``; ``tokenize_batch`` is the fast path preprocessing uses.
+``pad``, ``tokenize`` and ``detokenize``; ``tokenize_batch`` is the fast path preprocessing uses;
+``token_to_id`` looks a string up in the vocabulary. The same objects serve SepLLM's separator
+derivation (``megatron.sepllm.separators.separator_tokens``), so separator ids always come from
+the tokenizer that tokenizes the data; ``tokenizer_for_file`` picks the type from a file.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ class Tokenizer(ABC):
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.tokenize(t) for t in texts]
+
+    def token_to_id(self, text: str) -> int | None:
+        """The id of the vocabulary entry spelled ``text``, or None (no such single entry)."""
+        return None
 
     @property
     def eod_id(self) -> int:  # NeoX spelling
@@ -89,6 +96,12 @@ class HFTokenizer(Tokenizer):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_to_id(self, text: str) -> int | None:
+        i = self._tok.token_to_id(text)
+        if i is None and " " in text:  # SentencePiece-style vocabularies spell spaces "▁"
+            i = self._tok.token_to_id(text.replace(" ", "\u2581"))
+        return i
 
 
 class GPT2BPETokenizer(HFTokenizer):
@@ -149,6 +162,10 @@ class SPMTokenizer(Tokenizer):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
 
+    def token_to_id(self, text: str) -> int | None:
+        i = self._sp.PieceToId(text.replace(" ", "\u2581"))
+        return None if i == self._sp.unk_id() else int(i)
+
 
 def default_tiktoken_file() -> str | None:
     """whisper ships gpt2.tiktoken; locate it without importing whisper (its import fails)."""
@@ -190,6 +207,12 @@ class TiktokenTokenizer(Tokenizer):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
 
+    def token_to_id(self, text: str) -> int | None:
+        try:
+            return self._enc.encode_single_token(text.encode("utf-8"))
+        except KeyError:
+            return None
+
 
 class CharLevelTokenizer(Tokenizer):
     """UTF-8 bytes as ids (NeoX: vocab 512, EOD 0), so any text round-trips exactly."""
@@ -229,6 +252,29 @@ def make_tokenizer(
     if tokenizer_type == "CharLevelTokenizer":
         return CharLevelTokenizer()
     raise ValueError(f"unknown tokenizer_type {tokenizer_type!r}; choose one of {TOKENIZER_TYPES}")
+
+
+def infer_tokenizer_type(path: str, merge_file: str | None = None) -> str:
+    """The tokenizer type of a file: tokenizer.json (HF; also under another name), a
+    SentencePiece .model, vocab.json + merges.txt (GPT-2 BPE), else a .tiktoken rank file."""
+    if merge_file:
+        return "GPT2BPETokenizer"
+    if path.endswith(".json"):
+        return "HFTokenizer"
+    if path.endswith(".model"):
+        return "SPMTokenizer"
+    _require_file(path, "a tokenizer file", "tokenizer_for_file")
+    with open(path, "rb") as f:
+        head = f.read(1)
+    return "HFTokenizer" if head == b"{" else "TiktokenTokenizer"
+
+
+def tokenizer_for_file(path: str | None = None, merge_file: str | None = None) -> Tokenizer:
+    """The tokenizer a file holds (type from ``infer_tokenizer_type``); no path: GPT-2's BPE
+    (whisper's gpt2.tiktoken)."""
+    if path is None:
+        return TiktokenTokenizer(None)
+    return make_tokenizer(infer_tokenizer_type(path, merge_file), path, merge_file)
 
 
 def build_tokenizer(cfg: Any) -> Tokenizer:

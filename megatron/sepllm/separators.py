@@ -7,6 +7,12 @@ Pythia list), then, with `extended=True`, the variants byte-level BPEs merge int
 a leading space before each punctuation mark (" ."), space runs ("  ", "   ", ...), newline /
 tab runs and space+newline mixes. Ids are deduplicated, first candidate wins.
 
+The tokenizer is an object, not a file: the one that tokenizes the data (any
+`megatron.data.tokenizers` tokenizer, e.g. `build_tokenizer(cfg.data)`, satisfies
+`SeparatorVocab`), so the ids cannot come from a differently loaded copy. This module builds
+no tokenizer itself (sepllm imports nothing but `common`); `tools/sepllm/separator_ids.py`
+builds one from a file or a config.
+
 For GPT-2 (gpt2.tiktoken) the basic set gives . 13, `,` 11, ? 30, ! 0, ; 26, : 25, \\t 197,
 \\n 198, space 220; for GPT-NeoX-20B's tokenizer.json the same rule gives the Pythia list
 [15, 13, 32, 2, 28, 27, 209, 186, 187] (the ids of the same strings in that vocabulary).
@@ -16,20 +22,26 @@ as two tokens; such candidates are then looked up directly in the vocabulary if 
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 BASIC_SEPARATORS: tuple[str, ...] = (".", ",", "?", "!", ";", ":", " ", "\t", "\n")
 _PUNCT = (".", ",", "?", "!", ";", ":")
 
-# pat_str of GPT-2's byte-level BPE (also r50k / p50k).
-GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-CL100K_PAT = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
-    r"""\s*[\r\n]|\s+(?!\S)|\s+"""
-)
+
+class SeparatorVocab(Protocol):
+    """What the derivation needs of a tokenizer (the NeoX tokenizer interface)."""
+
+    def tokenize(self, text: str) -> list[int]:
+        """Ids of `text`, without special tokens."""
+        ...
+
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    def token_to_id(self, text: str) -> int | None:
+        """The vocabulary entry spelled `text`, or None."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -49,92 +61,27 @@ def extended_candidates(max_space_run: int = 16) -> list[str]:
 
 
 def separator_tokens(
-    encode: Callable[[str], list[int]],
-    decode: Callable[[list[int]], str],
-    extended: bool = False,
-    lookup: Callable[[str], int | None] | None = None,
-    max_space_run: int = 16,
+    tokenizer: SeparatorVocab, extended: bool = False, max_space_run: int = 16
 ) -> list[SeparatorToken]:
-    """Separator tokens of a tokenizer given its encode / decode (and optional vocab lookup)."""
+    """Separator tokens of `tokenizer`, in candidate order."""
     candidates = list(BASIC_SEPARATORS)
     if extended:
         candidates += extended_candidates(max_space_run)
     seen: set[int] = set()
     found: list[SeparatorToken] = []
     for text in candidates:
-        ids = encode(text)
-        tid = ids[0] if len(ids) == 1 else (lookup(text) if lookup else None)
+        ids = tokenizer.tokenize(text)
+        tid = ids[0] if len(ids) == 1 else tokenizer.token_to_id(text)
         if tid is None or tid in seen:
             continue
-        seen.add(tid)
-        found.append(SeparatorToken(int(tid), decode([tid])))
+        seen.add(int(tid))
+        found.append(SeparatorToken(int(tid), tokenizer.detokenize([tid])))
     return found
 
 
-def _tiktoken_codec(path: str, pat: str | None):
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-
-    ranks = load_tiktoken_bpe(path)
-    base = os.path.basename(path)
-    if pat is None:
-        pat = CL100K_PAT if ("cl100k" in base or "o200k" in base) else GPT2_PAT
-    enc = tiktoken.Encoding(name=base, pat_str=pat, mergeable_ranks=ranks, special_tokens={})
-
-    def lookup(text: str) -> int | None:
-        return ranks.get(text.encode("utf-8"))
-
-    return enc.encode_ordinary, enc.decode, lookup
-
-
-def _hf_codec(path: str):
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(path)
-
-    def encode(text: str) -> list[int]:
-        return tok.encode(text, add_special_tokens=False).ids
-
-    def decode(ids: list[int]) -> str:
-        return tok.decode(ids, skip_special_tokens=False)
-
-    def lookup(text: str) -> int | None:
-        # SentencePiece-style vocabularies spell spaces as "▁".
-        return tok.token_to_id(text.replace(" ", "\u2581"))
-
-    return encode, decode, lookup
-
-
-def load_codec(path: str, pat: str | None = None):
-    """(encode, decode, lookup) for an HF tokenizer.json or a .tiktoken rank file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
-    if path.endswith(".json"):
-        return _hf_codec(path)
-    with open(path, "rb") as f:
-        head = f.read(1)
-    if head == b"{":  # a tokenizer.json under another name
-        json.loads(open(path, encoding="utf-8").read())
-        return _hf_codec(path)
-    return _tiktoken_codec(path, pat)
-
-
-def separator_ids_for_file(
-    path: str, extended: bool = False, pat: str | None = None
-) -> list[SeparatorToken]:
-    encode, decode, lookup = load_codec(path, pat)
-    return separator_tokens(encode, decode, extended=extended, lookup=lookup)
-
-
-def default_tiktoken_file() -> str | None:
-    """whisper ships gpt2.tiktoken; locate it without importing whisper (its import fails)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("whisper")
-    if spec is None or spec.origin is None:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), "assets", "gpt2.tiktoken")
-    return path if os.path.isfile(path) else None
+def separator_ids(tokenizer: SeparatorVocab, extended: bool = False) -> list[int]:
+    """The ids for `sepllm.separator_token_ids`."""
+    return [t.id for t in separator_tokens(tokenizer, extended=extended)]
 
 
 def format_table(tokens: Sequence[SeparatorToken]) -> str:

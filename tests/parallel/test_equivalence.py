@@ -40,9 +40,10 @@ LAYOUTS: dict[str, tuple[dict, dict]] = {
 
 
 def _sepllm(shakespeare) -> dict:
-    from megatron.sepllm.separators import separator_ids_for_file
+    from megatron.data.tokenizers import tokenizer_for_file
+    from megatron.sepllm.separators import separator_ids
 
-    seps = [t.id for t in separator_ids_for_file(shakespeare[1])]
+    seps = separator_ids(tokenizer_for_file(shakespeare[1]))
     return {
         "sepllm": {
             "mode": "sepllm",

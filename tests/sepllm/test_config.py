@@ -11,7 +11,8 @@ import pytest
 from megatron.config import load_config
 from megatron.config.schema import SepLLMConfig
 from megatron.sepllm.aliases import SEPLLM_ALIASES, apply_sepllm_aliases, lookup_alias
-from megatron.sepllm.separators import default_tiktoken_file, separator_ids_for_file
+from megatron.data.tokenizers import default_tiktoken_file, tokenizer_for_file
+from megatron.sepllm.separators import separator_tokens
 from megatron.sepllm.validate import validate_sepllm
 
 ORIGINAL_KEYS = (
@@ -138,10 +139,11 @@ GPT2 = default_tiktoken_file()
 
 @pytest.mark.skipif(GPT2 is None, reason="gpt2.tiktoken (whisper assets) not installed")
 def test_gpt2_separator_ids() -> None:
-    found = {t.text: t.id for t in separator_ids_for_file(GPT2)}
+    gpt2 = tokenizer_for_file(GPT2)  # the data pipeline's TiktokenTokenizer
+    found = {t.text: t.id for t in separator_tokens(gpt2)}
     expected = {".": 13, ",": 11, "?": 30, "!": 0, ";": 26, ":": 25, "\n": 198, " ": 220}
     assert {k: found[k] for k in expected} == expected
-    extended = {t.text: t.id for t in separator_ids_for_file(GPT2, extended=True)}
+    extended = {t.text: t.id for t in separator_tokens(gpt2, extended=True)}
     assert extended[" ."] == 764 and extended["\n\n"] == 628
 
 
@@ -161,7 +163,7 @@ def test_hf_tokenizer_json(tmp_path) -> None:
     tok.train_from_iterator(["Hello, world. How are you?  Fine!\n"] * 20, trainer=trainer)
     path = os.path.join(tmp_path, "tokenizer.json")
     tok.save(path)
-    found = separator_ids_for_file(path)
+    found = separator_tokens(tokenizer_for_file(path))
     # Same ordering rule as GPT-NeoX-20B: printable bytes first, after the 2 special tokens.
     assert [t.id for t in found[:6]] == [15, 13, 32, 2, 28, 27]
     assert [t.text for t in found] == [".", ",", "?", "!", ";", ":", " ", "\t", "\n"]
@@ -188,7 +190,8 @@ def test_neox20b_layout_gives_the_pythia_list(tmp_path) -> None:
     tok.decoder = decoders.ByteLevel()
     path = os.path.join(tmp_path, "tokenizer.json")
     tok.save(path)
-    assert [t.id for t in separator_ids_for_file(path)] == [15, 13, 32, 2, 28, 27, 209, 186, 187]
+    found = separator_tokens(tokenizer_for_file(path))  # an HFTokenizer, as for training
+    assert [t.id for t in found] == [15, 13, 32, 2, 28, 27, 209, 186, 187]
 
 
 def _gpt2_byte_chars() -> list[str]:

@@ -184,6 +184,129 @@ def test_block_warns_when_dropout_forces_the_dense_kernel(monkeypatch) -> None:
     assert block.kernel(kept, 600, torch.device("cpu")) is get_kernel("compact")
 
 
+def brute_force_attention(q, k, v, key_pos, is_sep, start, a, query_pos, w):
+    """fp64, one query at a time, keys chosen straight from the kept rule by text position:
+    kpos <= qpos and (start <= kpos < start + a or qpos - kpos < w or is_sep); w=None keeps
+    every key with kpos <= qpos."""
+    B, H, Sq, D = q.shape
+    rep = H // k.shape[1]
+    out = torch.zeros(B, H, Sq, D, dtype=torch.float64)
+    for b in range(B):
+        for i in range(Sq):
+            qp = int(query_pos[b, i])
+            keep = []
+            for j, kp in enumerate(key_pos[b].tolist()):
+                init = start[b] <= kp < start[b] + a
+                local = w is None or qp - kp < w
+                if kp <= qp and (init or local or bool(is_sep[b, j])):
+                    keep.append(j)
+            for h in range(H):
+                kk, vv = k[b, h // rep, keep].double(), v[b, h // rep, keep].double()
+                p = torch.softmax(kk @ q[b, h, i].double() / math.sqrt(D), 0)
+                out[b, h, i] = p @ vv
+    return out.float()
+
+
+def _compacted_cache(gen: torch.Generator, B: int, T: int, a: int, w: int, keep_far: float):
+    """Key positions / separator flags / init starts of a cache after T tokens of text: the
+    initial tokens, the separators before the window (some dropped, as a size-bounded cache
+    does), a few other old tokens not evicted yet, and the last w + 3 tokens."""
+    positions, flags, starts = [], [], []
+    for b in range(B):
+        start = 3 * b  # left padding of 3 * b tokens
+        text_sep = torch.rand(T, generator=gen) < 0.2
+        text_sep[:start] = False
+        kept_pos = []
+        for t in range(T):
+            recent = t >= T - (w + 3)
+            initial = start <= t < start + a
+            far = (text_sep[t] or torch.rand(1, generator=gen).item() < 0.05) and (
+                torch.rand(1, generator=gen).item() < keep_far
+            )
+            if recent or initial or far:
+                kept_pos.append(t)
+        positions.append(kept_pos)
+        flags.append([bool(text_sep[t]) for t in kept_pos])
+        starts.append(start)
+    Sk = min(len(x) for x in positions)  # equal lengths: drop the oldest far keys of longer rows
+    for b in range(B):
+        extra = len(positions[b]) - Sk
+        far_idx = [i for i, t in enumerate(positions[b]) if t >= starts[b] + a][:extra]
+        positions[b] = [t for i, t in enumerate(positions[b]) if i not in far_idx]
+        flags[b] = [f for i, f in enumerate(flags[b]) if i not in far_idx]
+    return torch.tensor(positions), torch.tensor(flags), torch.tensor(starts)
+
+
+@pytest.mark.parametrize("Sq, Hkv, w, a", [(1, 2, 8, 4), (3, 1, 5, 2), (4, 4, 16, 0)])
+def test_dense_decode_step_matches_brute_force(Sq: int, Hkv: int, w: int, a: int) -> None:
+    """A decode step: Sq new queries (the newest cached keys) over a compacted cache whose keys
+    sit at arbitrary increasing text positions."""
+    gen = torch.Generator().manual_seed(Sq * 100 + w)
+    B, H, D = 2, 4, 8
+    key_pos, is_sep, start = _compacted_cache(gen, B, 120, a, w, keep_far=0.7)
+    query_pos = key_pos[:, -Sq:]
+    kept = KeptSet.from_cache(key_pos, is_sep, start, a, query_pos)
+    assert not kept.aligned and (kept.q_len, kept.kv_len) == (Sq, key_pos.shape[1])
+    Sk = kept.kv_len
+    q = torch.randn(B, H, Sq, D, generator=gen)
+    k, v = (torch.randn(B, Hkv, Sk, D, generator=gen) for _ in range(2))
+    out = get_kernel("dense")(q, k, v, window=w, kept=kept)
+    ref = brute_force_attention(q, k, v, key_pos, is_sep, start, a, query_pos, w)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the same queries at positions shared by both rows ([Sq] form), older than the newest key
+    shared = torch.arange(Sq) + int(key_pos[:, -1].min()) - Sq
+    kept = KeptSet.from_cache(key_pos, is_sep, start, a, shared)
+    out = get_kernel("dense")(q, k, v, window=w, kept=kept)
+    ref = brute_force_attention(q, k, v, key_pos, is_sep, start, a, kept.query_pos, w)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_over_a_full_cache_equals_the_training_rows() -> None:
+    """Queries S-Sq..S-1 over a cache holding every key give the last Sq rows of training."""
+    ids, _ = make_ids(2, 70, "leftpad", torch.Generator().manual_seed(5))
+    cfg = SepLLMConfig(
+        mode="sepllm",
+        separator_token_ids=[SEP, PAD],
+        init_tokens=3,
+        local_window=6,
+        batch_adaptive_init_pos=True,
+    )
+    train = build_kept_set(ids, cfg)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 70, 8, generator=gen) for _ in range(3))
+    full = get_kernel("dense")(q, k, v, window=6, kept=train)
+    for Sq in (1, 5):
+        step = KeptSet.from_cache(
+            train.key_pos, train.is_sep, train.init_start, 3, torch.arange(70 - Sq, 70)
+        )
+        out = get_kernel("dense")(q[:, :, -Sq:], k, v, window=6, kept=step)
+        torch.testing.assert_close(out, full[:, :, -Sq:], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["causal", "dense"])
+@pytest.mark.parametrize("Sq", [1, 7, 40])
+def test_full_causal_with_fewer_queries_is_bottom_right_aligned(kernel: str, Sq: int) -> None:
+    """kept=None with Sq < Sk: query i is text position Sk - Sq + i and sees every key up to it
+    (SDPA's is_causal alone would align the queries to the first keys)."""
+    gen = torch.Generator().manual_seed(Sq)
+    B, H, Hkv, Sk, D = 2, 4, 2, 40, 8
+    q = torch.randn(B, H, Sk, D, generator=gen)
+    k, v = (torch.randn(B, Hkv, Sk, D, generator=gen) for _ in range(2))
+    out = get_kernel(kernel)(q[:, :, -Sq:], k, v, window=4, kept=None)
+    pos = torch.arange(Sk).expand(B, Sk)
+    no_sep = torch.zeros(B, Sk, dtype=torch.bool)
+    ref = brute_force_attention(q[:, :, -Sq:], k, v, pos, no_sep, [0, 0], 0, pos[:, -Sq:], w=None)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    full = get_kernel("causal")(q, k, v, window=4, kept=None)
+    torch.testing.assert_close(out, full[:, :, -Sq:], atol=1e-6, rtol=1e-6)
+
+
+def test_more_queries_than_keys_is_an_error() -> None:
+    q = torch.randn(1, 1, 5, 8)
+    with pytest.raises(ValueError, match="more queries"):
+        get_kernel("causal")(q, q[:, :, :3], q[:, :, :3], window=1, kept=None)
+
+
 def _flex_runs_on_cpu() -> bool:
     try:
         kern = get_kernel("flex")
