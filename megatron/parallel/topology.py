@@ -25,7 +25,8 @@ class Parallelism:
 
 
 def build_parallelism(p: ParallelConfig, world_size: int) -> Parallelism:
-    from deepspeed.runtime.pipe.topology import (  # noqa: PLC0415
+    # deferred: deepspeed is a heavy import, needed only once a run builds its grid
+    from deepspeed.runtime.pipe.topology import (
         PipelineParallelGrid,
         PipeModelDataParallelTopology,
     )

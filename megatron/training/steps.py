@@ -67,7 +67,7 @@ class NormRecorder:
             engine.clip_fp32_gradients = self._clip_and_record
 
     def _clip_and_record(self) -> None:
-        from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415
+        from deepspeed.runtime.utils import clip_grad_norm_  # deferred: heavy import
 
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         max_norm = self.engine.gradient_clipping()
