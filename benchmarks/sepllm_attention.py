@@ -24,10 +24,10 @@ from collections.abc import Callable
 import torch
 
 from megatron.config.schema import SepLLMConfig
+from megatron.data.tokenizers import tokenizer_for_file
 from megatron.sepllm.info import KeptSet, build_kept_set, dense_keep_mask
 from megatron.sepllm.kernels import flex_available, get_kernel, select_kernel
 from megatron.sepllm.kernels.compact import _build_plan
-from megatron.data.tokenizers import tokenizer_for_file
 from megatron.sepllm.separators import separator_ids
 from megatron.sepllm.stats import kept_stats
 from megatron.training.host_memory import tune_host_allocator

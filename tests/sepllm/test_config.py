@@ -10,8 +10,8 @@ import pytest
 
 from megatron.config import load_config
 from megatron.config.schema import SepLLMConfig
-from megatron.sepllm.aliases import SEPLLM_ALIASES, apply_sepllm_aliases, lookup_alias
 from megatron.data.tokenizers import default_tiktoken_file, tokenizer_for_file
+from megatron.sepllm.aliases import SEPLLM_ALIASES, apply_sepllm_aliases, lookup_alias
 from megatron.sepllm.separators import separator_tokens
 from megatron.sepllm.validate import validate_sepllm
 
