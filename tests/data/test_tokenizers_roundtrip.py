@@ -11,7 +11,14 @@ import pytest
 from megatron.config.schema import DataConfig
 from megatron.data.indexed_dataset import MMapIndexedDataset
 from megatron.data.preprocess import preprocess
-from megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer, default_tiktoken_file
+from megatron.data.tokenizers import (
+    TOKENIZER_TYPES,
+    build_tokenizer,
+    default_tiktoken_file,
+    infer_tokenizer_type,
+    tokenizer_for_file,
+)
+from megatron.sepllm.separators import separator_ids, separator_tokens
 
 
 @pytest.mark.parametrize("tok_type", TOKENIZER_TYPES)
@@ -107,3 +114,37 @@ def test_missing_tokenizer_files_are_named(tmp_path) -> None:
             build_tokenizer(DataConfig(tokenizer_type=t, vocab_file=str(tmp_path / "nope")))
     with pytest.raises(ValueError, match="unknown tokenizer_type"):
         build_tokenizer(DataConfig(tokenizer_type="Bogus"))
+
+
+@pytest.mark.parametrize("tok_type", TOKENIZER_TYPES)
+def test_separators_come_from_the_data_tokenizer(tok_type, tokenizer_files) -> None:
+    """The object that tokenizes the data is the one separator ids are derived from, for
+    every tokenizer type; and each separator id decodes back to its string."""
+    if tok_type == "TiktokenTokenizer" and default_tiktoken_file() is None:
+        pytest.skip("no gpt2.tiktoken available")
+    vocab, merges = tokenizer_files[tok_type]
+    tok = build_tokenizer(DataConfig(tokenizer_type=tok_type, vocab_file=vocab, merge_file=merges))
+    found = separator_tokens(tok)
+    assert found and len({t.id for t in found}) == len(found)
+    for t in found:
+        assert 0 <= t.id < tok.vocab_size and t.text == tok.detokenize([t.id])
+        if t.text in (".", ","):  # the id the data holds for this string
+            # (SentencePiece encodes "." as "▁" + "."; the vocabulary lookup finds ".".)
+            assert t.id == tok.tokenize(t.text)[-1]
+    if vocab and tok_type != "CharLevelTokenizer":
+        assert infer_tokenizer_type(vocab, merges) == tok_type
+        assert separator_ids(tokenizer_for_file(vocab, merges)) == [t.id for t in found]
+
+
+def test_token_to_id(tokenizer_files) -> None:
+    hf = build_tokenizer(
+        DataConfig(tokenizer_type="HFTokenizer", vocab_file=tokenizer_files["HFTokenizer"][0])
+    )
+    assert hf.token_to_id("<|endoftext|>") == hf.eod and hf.token_to_id("no such token") is None
+    spm_file = tokenizer_files["SPMTokenizer"][0]
+    spm = build_tokenizer(DataConfig(tokenizer_type="SPMTokenizer", vocab_file=spm_file))
+    assert spm.token_to_id(".") == spm.tokenize(".")[-1]
+    assert spm.token_to_id("\u2603\u2603 not a piece") is None
+    if default_tiktoken_file() is not None:
+        gpt2 = tokenizer_for_file()  # gpt2.tiktoken
+        assert gpt2.token_to_id(" .") == 764 and gpt2.token_to_id(" . . .x") is None
