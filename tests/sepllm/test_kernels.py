@@ -3,6 +3,7 @@ straight from the definition, and a plain masked softmax (no SDPA, no KeptSet he
 
 from __future__ import annotations
 
+import inspect
 import math
 import zlib
 
@@ -12,8 +13,8 @@ import torch
 from megatron.config.schema import ModelConfig, SepLLMConfig
 from megatron.model.transformer import Block
 from megatron.sepllm.info import KeptSet, build_kept_set
+from megatron.sepllm.kernels import KERNELS, AttentionKernel, flex_available, get_kernel
 from megatron.sepllm.kernels import compact as compact_mod
-from megatron.sepllm.kernels import flex_available, get_kernel
 from megatron.sepllm.kernels import parts as parts_mod
 
 SEP = 3  # separator id used by the synthetic batches
@@ -305,6 +306,29 @@ def test_more_queries_than_keys_is_an_error() -> None:
     q = torch.randn(1, 1, 5, 8)
     with pytest.raises(ValueError, match="more queries"):
         get_kernel("causal")(q, q[:, :, :3], q[:, :, :3], window=1, kept=None)
+
+
+def test_every_kernel_has_the_protocol_signature() -> None:
+    expected = list(inspect.signature(AttentionKernel.__call__).parameters.values())[1:]
+    kernels = dict(KERNELS)
+    if flex_available():
+        kernels["flex (loaded)"] = get_kernel("flex")
+    for name, kern in kernels.items():
+        params = list(inspect.signature(kern).parameters.values())
+        got = [(p.name, p.kind, p.default) for p in params]
+        assert got == [(p.name, p.kind, p.default) for p in expected], name
+
+
+def test_block_sends_a_decode_step_to_the_dense_kernel() -> None:
+    m = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=600)
+    cfg = SepLLMConfig(mode="sepllm", separator_token_ids=[SEP], init_tokens=2, local_window=8)
+    block = Block(m, cfg, window=8).eval()
+    train = build_kept_set(torch.full((1, 600), SEP), cfg)
+    assert block.kernel(train, 600, torch.device("cpu")) is get_kernel("compact")
+    step = KeptSet.from_cache(train.key_pos, train.is_sep, train.init_start, 2, torch.tensor([599]))
+    assert block.kernel(step, 1, torch.device("cpu")) is get_kernel("dense")
+    full = Block(m, SepLLMConfig(mode="full"), window=600).eval()
+    assert full.kernel(None, 1, torch.device("cpu")) is get_kernel("causal")
 
 
 def _flex_runs_on_cpu() -> bool:
