@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.config.schema import Config
 from megatron.parallel.layers import Layout, param_layouts
 from megatron.parallel.topology import Parallelism
-from megatron.training.pipeline import TIED, pipe_names
+from megatron.training.pipeline import pipe_names
 from megatron.training.setup import build_model
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -35,7 +35,8 @@ def supported(cfg: Config) -> str | None:
 
 
 def _local_names(module: torch.nn.Module, cfg: Config, pipeline: bool) -> dict[str, str]:
-    """local parameter name -> single-device name (first copy of tied weights only)."""
+    """local parameter name -> single-device name (a tied weight has one name on every stage
+    holding it, `tied_modules.embed.*`)."""
     params = dict(module.named_parameters())
     if not pipeline:
         return {n: n for n in params}
@@ -154,7 +155,9 @@ def load(path: Path, engine: Any, cfg: Config, par: Parallelism, finetune: bool)
     rank, size = par.tp.rank, par.tp.size
     with torch.no_grad():
         for local, p in params.items():
-            name = names[local] if local in names else _tied_copy_source(local)
+            if local not in names:  # every stage's copy of a tied weight has its name too
+                raise KeyError(f"no layout-independent source for parameter {local}")
+            name = names[local]
             entry, layout = full[name], layouts[local]
             p.copy_(layout.shard(entry["param"], rank, size))
             if finetune or "exp_avg" not in entry:
@@ -163,11 +166,3 @@ def load(path: Path, engine: Any, cfg: Config, par: Parallelism, finetune: bool)
                 k: layout.shard(entry[k], rank, size).to(p.device).clone() for k in STATE_KEYS
             }
             opt.state[p]["step"] = torch.tensor(entry["step"])
-
-
-def _tied_copy_source(local: str) -> str:
-    # The last pipeline stage's copy of the tied embedding reads the embedding's full tensor.
-    tied = f"tied_modules.{TIED}."
-    if local.startswith(tied):
-        return "embedding." + local[len(tied) :]
-    raise KeyError(f"no layout-independent source for parameter {local}")
