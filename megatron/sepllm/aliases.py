@@ -15,46 +15,74 @@ warning saying its value is not used.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
+
+from megatron.sepllm.config import SepLLMConfig
 
 log = logging.getLogger(__name__)
 
 
 def _sep_ids(value: Any) -> dict[str, Any]:
-    ids = [int(x) for x in (value or [])]
+    if value is not None and not isinstance(value, (list, tuple)):
+        value = [value]
+    ids = [_strict_int(x) for x in (value or [])]
     # [-1] (or any negative id) means "no separators" in the original.
     return {"separator_token_ids": [x for x in ids if x >= 0]}
 
 
 def _init_tok_max_idx(value: Any) -> dict[str, Any]:
     # a = idx + 1 initial tokens (positions 0..idx); -1 disables them.
-    return {"init_tokens": max(int(value) + 1, 0)}
+    return {"init_tokens": max(_strict_int(value) + 1, 0)}
 
 
 def _flag_mode(mode: str) -> Callable[[Any], dict[str, Any]]:
     def alias(value: Any) -> dict[str, Any]:
-        return {"mode": mode} if bool(value) else {}
+        return {"mode": mode} if _strict_bool(value) else {}
 
     return alias
 
 
 def _bipe(value: Any) -> dict[str, Any]:
-    if bool(value):
+    if _strict_bool(value):
         raise ValueError("BiPE is not implemented")
     return {}
 
 
 def _field(name: str, cast: Callable[[Any], Any]) -> Callable[[Any], dict[str, Any]]:
     def alias(value: Any) -> dict[str, Any]:
-        return {name: cast(value)}
+        try:
+            return {name: cast(value)}
+        except ValueError as exc:
+            raise ValueError(f"sepllm config: {name} {exc}") from None
 
     return alias
 
 
+def _strict_int(value: Any) -> int:
+    """An integer, or a float with an integral value; never a truncated 2.7 or a string."""
+    if isinstance(value, bool) or not (
+        isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    ):
+        raise ValueError(f"must be an integer, got {value!r}")
+    return int(value)
+
+
+def _strict_bool(value: Any) -> bool:
+    """true / false only: a quoted "false" is a string, and bool("false") would be True."""
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
 def _int_list(value: Any) -> list[int] | None:
-    return None if value is None else [int(x) for x in value]
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"must be a list of integers, got {value!r}")
+    return [_strict_int(x) for x in value]
 
 
 def _decode_only(key: str) -> Callable[[Any], dict[str, Any]]:
@@ -73,13 +101,13 @@ def _decode_only(key: str) -> Callable[[Any], dict[str, Any]]:
 def _kernel_accelerator(value: Any) -> dict[str, Any]:
     # The original's flag selects its FlexAttention path; our 'auto' picks flex or compact on CUDA
     # and compact / dense on CPU (fastest measured), so a true flag keeps 'auto'; false: nothing.
-    return {"attention_kernel": "auto"} if bool(value) else {}
+    return {"attention_kernel": "auto"} if _strict_bool(value) else {}
 
 
 SEPLLM_ALIASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "separator_token_ids": _sep_ids,
-    "PADDING_ID": _field("pad_token_id", int),
-    "prefill_local_window_size": _field("local_window", int),
+    "PADDING_ID": _field("pad_token_id", _strict_int),
+    "prefill_local_window_size": _field("local_window", _strict_int),
     "generate_local_window_size": _decode_only("generate_local_window_size"),
     "USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS": lambda value: {},  # see apply_sepllm_aliases
     "prefill_loc_win_size_list": _field("local_window_per_layer", _int_list),
@@ -88,22 +116,26 @@ SEPLLM_ALIASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "USE_ORIGINAL_FULL_ATTEN": _flag_mode("full"),
     "streamingLLM": _flag_mode("streamingllm"),
     "USE_SEP_ATTN_KERNEL_ACCELERATOR": _kernel_accelerator,
-    "BATCH_ADAPTIVE_INIT_POS": _field("batch_adaptive_init_pos", bool),
-    "PRINT_KV_RATIO": _field("print_kv_ratio", bool),
-    "print_ratio_intervals": _field("print_ratio_intervals", int),
+    "BATCH_ADAPTIVE_INIT_POS": _field("batch_adaptive_init_pos", _strict_bool),
+    "PRINT_KV_RATIO": _field("print_kv_ratio", _strict_bool),
+    "print_ratio_intervals": _field("print_ratio_intervals", _strict_int),
     "USE_BiPE": _bipe,
     "BiPE_seps": lambda value: {},  # only meaningful with BiPE, which raises
 }
 
 _LOWER = {k.lower(): k for k in SEPLLM_ALIASES}
+_NATIVE = {f.name for f in dataclasses.fields(SepLLMConfig)}
 
 
 def lookup_alias(key: str) -> str | None:
     """The original key a config key names: exact match first, then case-insensitive
-    (dashes are read as underscores)."""
+    (dashes are read as underscores). Our own field names (`batch_adaptive_init_pos`) are
+    never taken for a differently-cased original key, so they keep the loader's typed checks."""
     key = key.replace("-", "_")
     if key in SEPLLM_ALIASES:
         return key
+    if key in _NATIVE:
+        return None
     return _LOWER.get(key.lower())
 
 

@@ -111,3 +111,28 @@ def test_separator_and_pad_ids_must_be_in_the_tokenizer_vocabulary() -> None:
     with pytest.raises(ConfigError, match="pad_token_id 100 is outside"):
         finalize(cfg_from(**pad), world_size=1, vocab_size=100)
     assert finalize(cfg_from(**{**sep, "separator_token_ids": [5, 99]}), 1, 100).derived
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"batch_adaptive_init_pos": "false"}, "'batch_adaptive_init_pos' must be true or false"),
+        ({"BATCH_ADAPTIVE_INIT_POS": "false"}, "must be true or false, got 'false'"),
+        ({"print_ratio_intervals": 2.7}, "print_ratio_intervals must be an integer, got 2.7"),
+        ({"PADDING_ID": "0"}, "pad_token_id must be an integer"),
+        ({"streamingLLM": "yes"}, "must be true or false, got 'yes'"),
+        ({"init_tok_max_idx": 2.5}, "must be an integer, got 2.5"),
+    ],
+)
+def test_quoted_booleans_and_fractional_ints_in_sepllm_keys_are_refused(section, message) -> None:
+    """Case 10: a native key that matched an original alias case-insensitively skipped the
+    typed coercion ("false" became True, 2.7 became 2)."""
+    with pytest.raises(ConfigError, match=message):
+        build_config(merge_sources([("c.yml", {"sepllm": {"mode": "sepllm", **section}})]))
+
+
+def test_native_sepllm_booleans_still_load() -> None:
+    cfg = build_config(merge_sources([("c.yml", {"sepllm": {"batch_adaptive_init_pos": False}})]))
+    assert cfg.sepllm.batch_adaptive_init_pos is False
+    cfg = build_config(merge_sources([("c.yml", {"BATCH_ADAPTIVE_INIT_POS": True})]))
+    assert cfg.sepllm.batch_adaptive_init_pos is True
