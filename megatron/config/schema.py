@@ -87,6 +87,21 @@ class ModelConfig:
         0.0, "Dropout on attention probabilities (dense kernels only).", ge=0, lt=1
     )
     hidden_dropout: float = _f(0.0, "Dropout on residual branches.", ge=0, lt=1)
+    rope_fusion: bool = _f(
+        False,
+        "Fused rotary kernel (CUDA extension or Triton); falls back to the PyTorch reference "
+        "with one warning where none runs (see docs/fused_kernels.md).",
+    )
+    layernorm_fusion: bool = _f(
+        False,
+        "Fused LayerNorm kernel (CUDA extension, Triton or apex) when norm is layernorm; "
+        "falls back to the PyTorch reference with one warning.",
+    )
+    rmsnorm_fusion: bool = _f(
+        False,
+        "Fused RMSNorm kernel (CUDA extension, Triton or apex) when norm is rmsnorm; falls "
+        "back to the PyTorch reference with one warning.",
+    )
 
     # Values derived from this section alone: read these, never recompute them.
     @property

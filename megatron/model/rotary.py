@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megatron import fused_kernels
+
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, rot_dim: int, base: float, max_positions: int) -> None:
@@ -25,22 +27,14 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(
     x: torch.Tensor,  # [B, H, S, D]
     cos: torch.Tensor,  # [S, R] or [B, S, R]
     sin: torch.Tensor,
+    fusion: bool = False,
 ) -> torch.Tensor:  # [B, H, S, D], a view of [B, S, H, D] storage
-    # Computed in [B, S, H, D] order: the projections produce that layout and the attention
-    # kernels (CPU flash op, compact kernel) read it without a copy.
-    rot = cos.shape[-1]
-    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads: [.., S, 1, R]
-    xs = x.transpose(1, 2)
-    x_rot, x_pass = xs[..., :rot], xs[..., rot:]
-    x_rot = x_rot * cos + _rotate_half(x_rot) * sin
-    out = torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
-    return out.transpose(1, 2)
+    # The eager code lives in fused_kernels.reference so fused kernels are tested against
+    # exactly this path; `fusion` (config `rope_fusion`) lets the dispatch pick a kernel.
+    if fusion:
+        return fused_kernels.rope(x, cos, sin)
+    return fused_kernels.reference.rope(x, cos, sin)
