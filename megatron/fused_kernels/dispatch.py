@@ -26,6 +26,9 @@ KINDS = ("rope", "layernorm", "rmsnorm")
 ORDER = {"rope": ("cuda", "triton"), "layernorm": ("cuda", "triton", "apex")}
 ORDER["rmsnorm"] = ORDER["layernorm"]
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# Devices the fused kernels run on. Tests add "cpu" to drive the Triton interpreter (and fake
+# backends) through this dispatch; in a real run the CPU always gets the reference.
+FUSED_DEVICES: tuple[str, ...] = ("cuda",)
 _TRITON_MAX_N = 16384  # one row in registers: wider rows would spill
 
 _backends: dict[str, tuple[Any, str]] = {}  # name -> (kernels or None, why unavailable)
@@ -89,7 +92,7 @@ def backend(name: str) -> tuple[Any, str]:
 
 
 def _rope_unsupported(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> str:
-    if x.device.type != "cuda":
+    if x.device.type not in FUSED_DEVICES:
         return f"input on {x.device.type} (fused kernels need a CUDA tensor)"
     if x.dtype not in _FLOATS or cos.dtype != x.dtype or sin.dtype != x.dtype:
         return f"dtypes x {x.dtype}, cos {cos.dtype}, sin {sin.dtype}"
@@ -106,7 +109,7 @@ def _rope_unsupported(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.
 def _norm_unsupported(
     name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rms: bool
 ) -> str:
-    if x.device.type != "cuda":
+    if x.device.type not in FUSED_DEVICES:
         return f"input on {x.device.type} (fused kernels need a CUDA tensor)"
     if x.dtype not in _FLOATS or w.dtype not in _FLOATS or w.shape != x.shape[-1:]:
         return f"x {x.dtype} {tuple(x.shape)}, weight {w.dtype} {tuple(w.shape)}"
