@@ -306,8 +306,10 @@ class StreamCache:
         for layer in self.layers:
             if layer.policy.kind == "full":
                 continue
-            held = layer.row_lengths() if layer.length else torch.zeros(1, dtype=torch.long)
-            free.append(int((layer.capacity() - held).min()) + 1)
+            if layer.keys is None:  # nothing held yet
+                free.append(layer.policy.capacity + 1)
+                continue
+            free.append(int((layer.capacity() - layer.row_lengths()).min()) + 1)
         return max(min(free), 1) if free else 1 << 62
 
     def summary(self) -> dict[str, object]:
