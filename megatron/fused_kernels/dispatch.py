@@ -139,7 +139,10 @@ def _self_check(
             ins = [a.detach().requires_grad_(i < n_grad) for i, a in enumerate(args)]
             ref_ins = [a.detach().requires_grad_(i < n_grad) for i, a in enumerate(args)]
             out, expect = run(*ins), ref(*ref_ins)
-            grad = torch.randn_like(expect)
+            # A private generator: the check must not move the run's random stream (dropout).
+            gen = torch.Generator(expect.device).manual_seed(0)
+            grad = torch.randn(expect.shape, generator=gen, device=expect.device)
+            grad = grad.to(expect.dtype)
             out.backward(grad)
             expect.backward(grad)
         pairs = [(out, expect)] + [(a.grad, r.grad) for a, r in zip(ins[:n_grad], ref_ins)]

@@ -125,7 +125,6 @@ def _norm_fwd_kernel(
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
         # Round the normalised value to the input dtype first, as the reference does.
         y = w * (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-        mean = 0.0
     else:
         mean = tl.sum(x, axis=0) / N
         xc = tl.where(m, x - mean, 0.0)
@@ -134,7 +133,8 @@ def _norm_fwd_kernel(
         if HAS_BIAS:
             y += tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=m)
-    tl.store(mean_ptr + row, mean)
+    if not RMS:  # RMSNorm has no mean; its backward never reads the buffer
+        tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
 
 
