@@ -239,8 +239,8 @@ def table(report: dict) -> str:
     raw = {r["threads"]: r for r in report.get("raw_tokenizers", [])}
     lines = [
         "| run | workers / threads | input tokens | tokens/s | ours / NeoX | "
-        "of raw encode_batch_fast | peak RSS main / largest child |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        "of raw encode_batch_fast | peak RSS main / largest child | load (1 min) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in report["preprocess"]:
         w = r["workers"]
@@ -250,18 +250,19 @@ def table(report: dict) -> str:
         name = "ours" + (f" ({r['input']})" if "input" in r else "")
         lines.append(
             f"| {name} | {w} | {r['tokens'] / 1e6:.1f} M | {r['tokens_per_s'] / 1e6:.2f} M "
-            f"| {ratio} | {frac} | {_mib(r)} |"
+            f"| {ratio} | {frac} | {_mib(r)} | {r.get('loadavg_1m', 0):.1f} |"
         )
     for r in report.get("neox", []):
         lines.append(
             f"| GPT-NeoX preprocess_data.py | {r['workers']} | {r['tokens'] / 1e6:.1f} M "
-            f"| {r['tokens_per_s'] / 1e6:.2f} M | | | {_mib(r)} |"
+            f"| {r['tokens_per_s'] / 1e6:.2f} M | | | {_mib(r)} | {r.get('loadavg_1m', 0):.1f} |"
         )
     for t, r in sorted(raw.items()):
         for name in ("encode_batch", "encode_batch_fast"):
             if name in r:
                 lines.append(
-                    f"| tokenizers `{name}` (in memory) | {t} | | {r[name] / 1e6:.2f} M | | | |"
+                    f"| tokenizers `{name}` (in memory) | {t} | | {r[name] / 1e6:.2f} M "
+                    f"| | | | {r.get('loadavg_1m', 0):.1f} |"
                 )
     return "\n".join(lines)
 
@@ -328,32 +329,36 @@ def main() -> int:
         "preprocess": [],
     }
     write_jsonl(small, docs, max(1, repeats // 8))
+    docs_json = os.path.join(work, "docs.json")
+    with open(docs_json, "w") as f:
+        json.dump(docs, f)
+    report["raw_tokenizers"] = []
+    report["neox"] = []
+    # Each n: the raw tokenizer rate, ours and NeoX back to back, so that on a shared machine
+    # the rows compared with each other ran under about the same load (loadavg per row).
     for w in (1, 2):
+        r = raw_tokenizer_rate(tok, docs_json, w, a.raw_tokens)
+        r["loadavg_1m"] = os.getloadavg()[0]
+        print(json.dumps(r), flush=True)
+        report["raw_tokenizers"].append(r)
         r = run_preprocess(big, os.path.join(work, f"big_w{w}"), tok, w)
+        r["loadavg_1m"] = os.getloadavg()[0]
         print(json.dumps(r), flush=True)
         report["preprocess"].append(r)
-    r = run_preprocess(small, os.path.join(work, "small_w2"), tok, 2)
-    r["input"] = "1/8 input"
-    print(json.dumps(r), flush=True)
-    report["preprocess"].append(r)
-    if a.neox_checkout:
-        report["neox"] = []
-        for w in (1, 2):
+        if a.neox_checkout:
             r = run_neox(a.neox_checkout, big, os.path.join(work, f"neox_w{w}"), tok, w)
             r["identical_to_ours"] = same_files(
                 os.path.join(work, f"neox_w{w}_text_document"),
                 os.path.join(work, f"big_w{w}_text_document"),
             )
+            r["loadavg_1m"] = os.getloadavg()[0]
             print(json.dumps(r), flush=True)
             report["neox"].append(r)
-    docs_json = os.path.join(work, "docs.json")
-    with open(docs_json, "w") as f:
-        json.dump(docs, f)
-    report["raw_tokenizers"] = []
-    for threads in (1, 2):
-        r = raw_tokenizer_rate(tok, docs_json, threads, a.raw_tokens)
-        print(json.dumps(r), flush=True)
-        report["raw_tokenizers"].append(r)
+    r = run_preprocess(small, os.path.join(work, "small_w2"), tok, 2)
+    r["input"] = "1/8 input"
+    r["loadavg_1m"] = os.getloadavg()[0]
+    print(json.dumps(r), flush=True)
+    report["preprocess"].append(r)
     for mean_doc in (1000, 100):
         r = bench_index(int(a.index_tokens), mean_doc)
         print(json.dumps(r), flush=True)
