@@ -64,6 +64,16 @@ def _shim_includes(out: Path) -> list[str]:
     return [f"-I{shim}"]
 
 
+def _cuda_include(nvcc: str) -> list[str]:
+    """The toolkit's include directory (nvcc may be a wrapper script outside the toolkit)."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME]
+    homes += [str(Path(nvcc).resolve().parent.parent), "/usr/local/cuda"]
+    for home in homes:
+        if home and (Path(home) / "include" / "cuda_runtime.h").exists():
+            return [str(Path(home) / "include")]
+    return []
+
+
 def commands(nvcc: str, cxx: str, arch: str, out: Path) -> list[list[str]]:
     """One compile-only command per source file."""
     flags = _common_flags() + _shim_includes(out)
@@ -72,9 +82,11 @@ def commands(nvcc: str, cxx: str, arch: str, out: Path) -> list[list[str]]:
         obj = out / (src.stem + ".cu.o")
         cmds.append([nvcc, "-c", str(src), "-o", str(obj), f"-arch={arch}", *NVCC_FLAGS, *flags])
         cmds[-1] += ["-Xcompiler", "-fPIC"]
+    # The bindings include c10/cuda headers, which include the CUDA runtime's.
+    cuda_inc = [f"-I{d}" for d in _cuda_include(nvcc)]
     for src in sorted(CSRC.glob("*.cpp")):
         obj = out / (src.stem + ".o")
-        cmds.append([cxx, "-c", str(src), "-o", str(obj), "-O0", "-fPIC", *flags])
+        cmds.append([cxx, "-c", str(src), "-o", str(obj), "-O0", "-fPIC", *flags, *cuda_inc])
     return cmds
 
 

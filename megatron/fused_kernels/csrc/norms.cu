@@ -3,23 +3,10 @@
 // One block per row in the forward; the backward walks a block of rows per thread block and
 // adds its weight / bias gradients into its own row of a [blocks, N] fp32 buffer (no atomics,
 // deterministic), which the host sums. Statistics and math are fp32. The weight has x's dtype.
-#include <ATen/core/Tensor.h>
+#include "convert.h"
+#include "launch.h"
 
-#include <algorithm>
-#include <vector>
-
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
-#include <c10/cuda/CUDAGuard.h>
-
-#include <tuple>
-
+namespace sepneox {
 namespace {
 
 constexpr int kThreads = 256;
@@ -42,36 +29,36 @@ __device__ float block_sum(float v, float* buf) {
   return total;
 }
 
-template <typename scalar_t, bool RMS>
-__global__ void norm_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
-                                const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
+template <typename T, bool RMS>
+__global__ void norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                const T* __restrict__ bias, T* __restrict__ y,
                                 float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                 int64_t N, float eps) {
   __shared__ float buf[32];
   const int64_t row = blockIdx.x;
-  const scalar_t* xr = x + row * N;
-  scalar_t* yr = y + row * N;
+  const T* xr = x + row * N;
+  T* yr = y + row * N;
   float mean = 0.f;
   if (!RMS) {
     float s = 0.f;
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) s += static_cast<float>(xr[j]);
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) s += to_float(xr[j]);
     mean = block_sum(s, buf) / N;
   }
   float ss = 0.f;
   for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-    const float c = static_cast<float>(xr[j]) - mean;
+    const float c = to_float(xr[j]) - mean;
     ss += c * c;
   }
   const float rstd = rsqrtf(block_sum(ss, buf) / N + eps);
   for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-    const float xhat = (static_cast<float>(xr[j]) - mean) * rstd;
+    const float xhat = (to_float(xr[j]) - mean) * rstd;
     float v;
     if (RMS) {  // round the normalised value to x's dtype first, as the reference does
-      v = static_cast<float>(w[j]) * static_cast<float>(static_cast<scalar_t>(xhat));
+      v = to_float(w[j]) * round_to<T>(xhat);
     } else {
-      v = xhat * static_cast<float>(w[j]) + (bias ? static_cast<float>(bias[j]) : 0.f);
+      v = xhat * to_float(w[j]) + (bias ? to_float(bias[j]) : 0.f);
     }
-    yr[j] = static_cast<scalar_t>(v);
+    yr[j] = from_float<T>(v);
   }
   if (threadIdx.x == 0) {
     mean_out[row] = mean;
@@ -79,13 +66,14 @@ __global__ void norm_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   }
 }
 
-template <typename scalar_t, bool RMS>
-__global__ void norm_bwd_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                const scalar_t* __restrict__ w, const float* __restrict__ mean_in,
-                                const float* __restrict__ rstd_in, scalar_t* __restrict__ dx,
+template <typename T, bool RMS>
+__global__ void norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                const T* __restrict__ w, const float* __restrict__ mean_in,
+                                const float* __restrict__ rstd_in, T* __restrict__ dx,
                                 float* __restrict__ dw_part, float* __restrict__ db_part,
                                 int64_t M, int64_t N, int64_t rows_per_block) {
   __shared__ float buf[32];
+  // Each thread owns columns j = threadIdx.x + k * blockDim.x of this block's partial rows.
   float* dwr = dw_part + blockIdx.x * N;
   float* dbr = db_part ? db_part + blockIdx.x * N : nullptr;
   for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
@@ -95,86 +83,86 @@ __global__ void norm_bwd_kernel(const scalar_t* __restrict__ dy, const scalar_t*
   const int64_t start = blockIdx.x * rows_per_block;
   const int64_t end = start + rows_per_block < M ? start + rows_per_block : M;
   for (int64_t row = start; row < end; ++row) {
-    const scalar_t* xr = x + row * N;
-    const scalar_t* dyr = dy + row * N;
+    const T* xr = x + row * N;
+    const T* dyr = dy + row * N;
     const float mean = RMS ? 0.f : mean_in[row], rstd = rstd_in[row];
     float s1 = 0.f, s2 = 0.f;  // sum(g * xhat), sum(g) with g = dy * w
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const float g = static_cast<float>(dyr[j]) * static_cast<float>(w[j]);
-      s1 += g * (static_cast<float>(xr[j]) - mean) * rstd;
+      const float g = to_float(dyr[j]) * to_float(w[j]);
+      s1 += g * (to_float(xr[j]) - mean) * rstd;
       s2 += g;
     }
     const float c1 = block_sum(s1, buf) / N;
     const float c2 = RMS ? 0.f : block_sum(s2, buf) / N;
     for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
-      const float d = static_cast<float>(dyr[j]);
-      const float xhat = (static_cast<float>(xr[j]) - mean) * rstd;
-      const float g = d * static_cast<float>(w[j]);
-      dx[row * N + j] = static_cast<scalar_t>((g - c1 * xhat - c2) * rstd);
-      // Each thread owns its columns of this block's partial row: plain adds, no races.
-      dwr[j] += d * (RMS ? static_cast<float>(static_cast<scalar_t>(xhat)) : xhat);
+      const float d = to_float(dyr[j]);
+      const float xhat = (to_float(xr[j]) - mean) * rstd;
+      dx[row * N + j] = from_float<T>((d * to_float(w[j]) - c1 * xhat - c2) * rstd);
+      dwr[j] += d * (RMS ? round_to<T>(xhat) : xhat);
       if (dbr) dbr[j] += d;
     }
   }
 }
 
+template <typename T>
+void forward(bool rms, const void* x, const void* w, const void* bias, void* y, float* mean,
+             float* rstd, int64_t M, int64_t N, float eps, cudaStream_t stream) {
+  auto kernel = rms ? norm_fwd_kernel<T, true> : norm_fwd_kernel<T, false>;
+  kernel<<<M, kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w),
+                                     static_cast<const T*>(bias), static_cast<T*>(y), mean, rstd,
+                                     N, eps);
+}
+
+template <typename T>
+void backward(bool rms, const void* dy, const void* x, const void* w, const float* mean,
+              const float* rstd, void* dx, float* dw_part, float* db_part, int64_t M, int64_t N,
+              int64_t blocks, int64_t per, cudaStream_t stream) {
+  auto kernel = rms ? norm_bwd_kernel<T, true> : norm_bwd_kernel<T, false>;
+  kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(dy), static_cast<const T*>(x),
+                                          static_cast<const T*>(w), mean, rstd,
+                                          static_cast<T*>(dx), dw_part, db_part, M, N, per);
+}
+
 }  // namespace
 
-std::vector<at::Tensor> norm_forward_cuda(const at::Tensor& x, const at::Tensor& w,
-                                          const c10::optional<at::Tensor>& bias, double eps,
-                                          bool rms) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "norm: contiguous CUDA [M,N]");
-  TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.numel() == x.size(1), "norm: bad weight");
-  const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(!has_bias || bias->scalar_type() == x.scalar_type(), "norm: bad bias");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t M = x.size(0), N = x.size(1);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::empty({M}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({M}, x.options().dtype(at::kFloat));
-  if (M == 0) return {y, mean, rstd};
-  // Named contiguous copies: a temporary's storage must outlive the launch that reads it.
-  const at::Tensor wc = w.contiguous();
-  const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_fwd", [&] {
-    auto kernel = rms ? norm_fwd_kernel<scalar_t, true> : norm_fwd_kernel<scalar_t, false>;
-    const scalar_t* b = has_bias ? bc.data_ptr<scalar_t>() : nullptr;
-    kernel<<<M, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), b,
-                                       y.data_ptr<scalar_t>(), mean.data_ptr<float>(),
-                                       rstd.data_ptr<float>(), N, static_cast<float>(eps));
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {y, mean, rstd};
+cudaError_t launch_norm_forward(DType dtype, bool rms, const void* x, const void* w,
+                                const void* bias, void* y, float* mean, float* rstd, int64_t M,
+                                int64_t N, float eps, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat:
+      forward<float>(rms, x, w, bias, y, mean, rstd, M, N, eps, stream);
+      break;
+    case DType::kHalf:
+      forward<__half>(rms, x, w, bias, y, mean, rstd, M, N, eps, stream);
+      break;
+    case DType::kBFloat16:
+      forward<__nv_bfloat16>(rms, x, w, bias, y, mean, rstd, M, N, eps, stream);
+      break;
+  }
+  return cudaGetLastError();
 }
 
-std::vector<at::Tensor> norm_backward_cuda(const at::Tensor& dy, const at::Tensor& x,
-                                           const at::Tensor& w, const at::Tensor& mean,
-                                           const at::Tensor& rstd, bool rms, bool has_bias) {
-  TORCH_CHECK(dy.is_contiguous() && x.is_contiguous() && dy.sizes() == x.sizes(),
-              "norm backward: contiguous dy and x of one shape");
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "norm backward: dy must have x's dtype");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t M = x.size(0), N = x.size(1);
-  // The SM count from the runtime (ATen's device-properties header pulls in cuBLAS/cuSPARSE).
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(M, 4 * sms));
-  const int64_t per = (M + blocks - 1) / blocks;
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dw = at::zeros({blocks, N}, x.options().dtype(at::kFloat));
-  at::Tensor db = has_bias ? at::zeros({blocks, N}, dw.options()) : at::Tensor();
-  const at::Tensor wc = w.contiguous();
-  if (M > 0) {
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_bwd", [&] {
-      auto kernel = rms ? norm_bwd_kernel<scalar_t, true> : norm_bwd_kernel<scalar_t, false>;
-      kernel<<<blocks, kThreads, 0, stream>>>(
-          dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
-          mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr<scalar_t>(),
-          dw.data_ptr<float>(), has_bias ? db.data_ptr<float>() : nullptr, M, N, per);
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+cudaError_t launch_norm_backward(DType dtype, bool rms, const void* dy, const void* x,
+                                 const void* w, const float* mean, const float* rstd, void* dx,
+                                 float* dw_part, float* db_part, int64_t M, int64_t N,
+                                 int64_t blocks, int64_t rows_per_block, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat:
+      backward<float>(rms, dy, x, w, mean, rstd, dx, dw_part, db_part, M, N, blocks,
+                      rows_per_block, stream);
+      break;
+    case DType::kHalf:
+      backward<__half>(rms, dy, x, w, mean, rstd, dx, dw_part, db_part, M, N, blocks,
+                       rows_per_block, stream);
+      break;
+    case DType::kBFloat16:
+      backward<__nv_bfloat16>(rms, dy, x, w, mean, rstd, dx, dw_part, db_part, M, N, blocks,
+                              rows_per_block, stream);
+      break;
   }
-  return {dx, dw.sum(0), has_bias ? db.sum(0) : at::Tensor()};
+  return cudaGetLastError();
 }
+
+}  // namespace sepneox
