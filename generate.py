@@ -1,0 +1,182 @@
+"""Generate text with any streaming cache, from our checkpoints or transformers folders.
+
+    python generate.py --model_name_or_path checkpoints/tiny --prompt "ROMEO:" --maximum_tokens 64
+    python generate.py --model_name_or_path hf_folder --sample_input_file prompts.txt \
+        --sample_output_file out.jsonl --enable_kv_cache_manager --enable_SepLLM --enable_pos_shift
+    python generate.py --model_name_or_path checkpoints/tiny --text_gen_type interactive
+    python generate.py configs/tiny.yml configs/text_generation.yml        # NeoX style
+
+NeoX style: the YAMLs hold the model config (its `load`, else `save`, is the checkpoint) and
+the generation keys `text_gen_type: unconditional | input-file | interactive`,
+`sample_input_file`, `sample_output_file`, `maximum_tokens`, `temperature`, `top_p`, `top_k`
+(plus the cache options of docs/streaming.md under the same names as on the command line).
+Tokens are printed as they are produced; input-file results go to sample_output_file as JSON
+lines {"context", "text"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+
+from megatron.common.files import atomic_write_text
+from megatron.config.loader import ConfigError, build_config, merge_sources, read_yaml
+from megatron.inference.loading import Streamer, check_separator_ids, load_model
+from megatron.inference.options import add_cache_args, check_sizes, policies
+from megatron.inference.sampling import Sampling, generate
+
+GEN_TYPES = ("unconditional", "input-file", "interactive")
+GEN_DEFAULTS: dict[str, Any] = {
+    "text_gen_type": None,
+    "sample_input_file": None,
+    "sample_output_file": "samples.jsonl",
+    "maximum_tokens": 64,
+    "temperature": 1.0,
+    "top_p": 0.0,
+    "top_k": 0,
+    "num_samples": 1,
+    "prompt_end": "\n",
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("configs", nargs="*", help="NeoX style: model + text_generation YAMLs")
+    p.add_argument("--model_name_or_path", default=None)
+    p.add_argument("--prompt", default=None, help="one prompt (else text_gen_type decides)")
+    p.add_argument("--text_gen_type", choices=GEN_TYPES, default=None)
+    p.add_argument("--sample_input_file", default=None)
+    p.add_argument("--sample_output_file", default=None)
+    p.add_argument("--maximum_tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--num_samples", type=int, default=None)
+    p.add_argument("--chunk_size", type=int, default=64, help="prompt tokens per forward")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default="cpu")
+    add_cache_args(p)
+    return p.parse_args(argv)
+
+
+def _yaml_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    """The generation / cache keys of the YAMLs, and the checkpoint the model config names."""
+    ours = set(GEN_DEFAULTS) | set(vars(parse_args([])))
+    gen: dict[str, Any] = {}
+    rest = []
+    for path in args.configs:
+        raw = read_yaml(path)
+        model_part = {}
+        for key, value in raw.items():
+            name = str(key).replace("-", "_")
+            if name in ours:
+                gen[name] = value
+            else:
+                model_part[key] = value
+        rest.append((path, model_part))
+    if not rest:
+        return gen, None
+    cfg = build_config(merge_sources(rest))
+    return gen, cfg.checkpoint.load or cfg.checkpoint.save
+
+
+def settings(argv: list[str]) -> argparse.Namespace:
+    """Command line over YAML over defaults; every check before the model loads."""
+    args = parse_args(argv)
+    gen, ckpt = _yaml_settings(args)
+    defaults = vars(parse_args([]))
+    for key, value in gen.items():  # a YAML value applies where the command line kept the default
+        if getattr(args, key, None) == defaults.get(key):
+            setattr(args, key, value)
+    for key, value in GEN_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.model_name_or_path = args.model_name_or_path or ckpt
+    if not args.model_name_or_path:
+        raise ValueError("no model: pass --model_name_or_path or a config with `load`")
+    if args.text_gen_type is None:
+        args.text_gen_type = "input-file" if args.sample_input_file else "unconditional"
+    if args.text_gen_type not in GEN_TYPES:
+        raise ValueError(f"text_gen_type {args.text_gen_type!r}: one of {GEN_TYPES}")
+    if args.text_gen_type == "input-file" and args.prompt is None:
+        if not args.sample_input_file or not os.path.isfile(args.sample_input_file):
+            raise FileNotFoundError(f"sample_input_file {args.sample_input_file!r} does not exist")
+    check_sizes(args)
+    args.sampling = Sampling(args.temperature, args.top_k, args.top_p, args.maximum_tokens)
+    return args
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.text_gen_type == "input-file":
+        with open(args.sample_input_file, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    return [""] * args.num_samples  # unconditional
+
+
+def run_one(
+    streamer: Streamer, args: argparse.Namespace, prompt: str, seps: list[int], g: torch.Generator
+) -> str:
+    tok = streamer.tokenizer
+    assert tok is not None
+    ids = tok.tokenize(prompt) if prompt else []
+    if not ids:  # unconditional: start from the end-of-document token
+        ids = [tok.eod if tok.eod is not None else 0]
+    cache = streamer.new_cache(policies(args, streamer.num_layers), seps, args.enable_pos_shift)
+
+    def show(piece: str) -> None:
+        print(piece, end="", flush=True)
+
+    out = generate(streamer, cache, ids, args.sampling, args.chunk_size, show, g, tok.eod)
+    print(flush=True)
+    return tok.detokenize(out)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, str]]:
+    args = settings(sys.argv[1:] if argv is None else argv)
+    streamer = load_model(args.model_name_or_path)
+    if streamer.tokenizer is None:
+        raise ValueError(f"{streamer.source} has no tokenizer")
+    seps = (
+        args.separator_token_ids
+        if args.separator_token_ids is not None
+        else streamer.default_separator_ids
+    )
+    check_separator_ids(seps, streamer.vocab_size)
+    policies(args, streamer.num_layers)  # per-layer list lengths against the model
+    streamer.model.to(torch.device(args.device))
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    results: list[dict[str, str]] = []
+    if args.text_gen_type == "interactive" and args.prompt is None:
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            results.append(
+                {
+                    "context": line.rstrip("\n"),
+                    "text": run_one(streamer, args, line.rstrip("\n"), seps, g),
+                }
+            )
+        return results
+    for prompt in _prompts(args):
+        results.append({"context": prompt, "text": run_one(streamer, args, prompt, seps, g)})
+    if (
+        args.text_gen_type == "input-file"
+        or args.sample_output_file != GEN_DEFAULTS["sample_output_file"]
+    ):
+        atomic_write_text(args.sample_output_file, "".join(json.dumps(r) + "\n" for r in results))
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ConfigError) as e:
+        print(f"generate.py: {e}", file=sys.stderr)
+        sys.exit(2)
