@@ -1,21 +1,39 @@
-"""Fused-kernel tests run the Triton kernels under the CPU interpreter: the variable must be set
-before `triton.jit` decorates them (when megatron.fused_kernels.triton_kernels is imported)."""
+"""Fused-kernel tests run the Triton kernels under the CPU interpreter. Triton reads
+TRITON_INTERPRET when `triton.jit` decorates a kernel and again when one runs, so it is set
+while megatron.fused_kernels.triton_kernels is imported (before any test module imports it)
+and during each test here; the rest of the suite keeps the environment it had."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 
-import pytest  # noqa: E402
+from megatron import fused_kernels
 
-from megatron import fused_kernels  # noqa: E402
+
+def _import_interpreted() -> None:
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with contextlib.suppress(ImportError):  # no Triton: its tests skip themselves
+            import megatron.fused_kernels.triton_kernels  # noqa: F401
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+_import_interpreted()
 
 
 @pytest.fixture(autouse=True)
-def fresh_dispatch() -> Iterator[None]:
+def fresh_dispatch(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test sees unprobed backends and no earlier announcements, in any order."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     fused_kernels.reset()
     yield
     fused_kernels.reset()
