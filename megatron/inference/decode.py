@@ -117,11 +117,16 @@ def our_step(model: GPTModel) -> StepFn:
     return lambda cache, ids: forward_step(model, cache, ids)
 
 
-def chunks(cache: StreamCache, total: int, chunk_size: int) -> Iterator[tuple[int, int]]:
-    """(start, end) spans over `total` tokens, each at most chunk_size and cut at the cache's
-    room, so compression falls where token-by-token decoding would do it."""
+def chunks(
+    cache: StreamCache, total: int, chunk_size: int, exact: bool = True
+) -> Iterator[tuple[int, int]]:
+    """(start, end) spans over `total` tokens, each at most chunk_size. `exact`: also cut at
+    the cache's room, so compression falls where token-by-token decoding would do it (same
+    results); otherwise fixed chunks, compressed after each (faster prefill for a sink cache,
+    whose room is 1 once full; still at most c + chunk_size keys)."""
     start = 0
     while start < total:
-        end = min(total, start + max(1, min(chunk_size, cache.room())))
+        room = cache.room() if exact else chunk_size
+        end = min(total, start + max(1, min(chunk_size, room)))
         yield start, end
         start = end

@@ -1,0 +1,229 @@
+"""Streaming decode: per-token latency and peak memory after N tokens streamed, SepCache vs
+sink cache vs full cache, for our model and the same weights as a transformers model; and our
+streaming loop on the transformers model vs transformers' own `generate` (DynamicCache).
+
+    python benchmarks/streaming.py [--sizes 1024 8192 32768 65536] [--device cpu]
+
+Model: random weights, 4 layers, hidden 256, 4 heads, partial rotary 0.25, vocab 8192 (the
+tiny.yml shape; weights do not change the timing). Stream: random ids, ~12% separators.
+Caches: SepCache a=4, s=32, w=224, c=324 (the paper's PG19 setting), sink a=4, c=324, full.
+Each (world, cache) runs in its own process, so its peak RSS is its own: the stream is
+prefilled in chunks of 256 (compressing after each), and at each size N the decode latency is
+the median of `--decode` single-token steps. `mem` is the process's peak RSS so far (CUDA:
+allocator peak) and `cache_mb` the bytes the cache's tensors hold. Then transformers'
+`generate` at an 8k context: per-token time = (t(8k prompt + M new) - t(8k prompt + 1)) /
+(M - 1), against our loop's per-token time at 8k on the same model (SepCache and full).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from megatron.config.schema import ModelConfig, SepLLMConfig
+from megatron.hf.adapters import hf_config, to_hf
+from megatron.inference.caches import StreamCache, make_policies
+from megatron.inference.decode import chunks, forward_step, model_rotary
+from megatron.inference.perplexity import peak_memory_bytes
+from megatron.model.transformer import GPTModel
+
+VOCAB = 8192
+SEPS = list(range(10, 20))
+SPEC = dict(
+    num_layers=4,
+    hidden_size=256,
+    num_attention_heads=4,
+    seq_length=2048,
+    rotary_pct=0.25,
+    gpt_j_residual=True,
+)
+SIZES = {"sep": (4, 32, 224, 324), "sink": (4, 0, 0, 324), "full": (4, 0, 0, 0)}
+PREFILL_CHUNK = 256
+
+
+def build(world: str, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = ModelConfig(**SPEC)
+    ours = GPTModel(m, SepLLMConfig(), VOCAB).eval()
+    if world == "ours":
+        return ours.to(device)
+    from transformers import GPTNeoXForCausalLM
+
+    hf = GPTNeoXForCausalLM(hf_config(m, VOCAB)).eval()
+    hf.load_state_dict(to_hf(ours.state_dict(), m), strict=False)
+    return hf.to(device)
+
+
+def stream_ids(n: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(20, VOCAB, (1, n), generator=g)
+    mask = torch.rand(1, n, generator=g) < 0.12
+    ids[mask] = torch.randint(10, 20, (int(mask.sum()),), generator=g)
+    return ids.to(device)
+
+
+def new_cache(world: str, model: torch.nn.Module, kind: str) -> Any:
+    a, s, w, c = SIZES[kind]
+    policies = make_policies("sep" if kind == "sep" else kind, SPEC["num_layers"], a, s, w, c)
+    if world == "ours":
+        return StreamCache(policies, SEPS, True, model_rotary(model))
+    from megatron.inference.hf_cache import StreamingCache, hf_rotary
+
+    return StreamingCache(StreamCache(policies, SEPS, True, hf_rotary(model)))
+
+
+def step_fn(world: str, model: torch.nn.Module) -> Any:
+    if world == "ours":
+        return lambda cache, ids: forward_step(model, cache, ids)
+    from megatron.inference.hf_cache import hf_step
+
+    return lambda cache, ids: hf_step(model, cache, ids)
+
+
+def cache_bytes(stream: StreamCache) -> int:
+    return sum(
+        lay.keys.numel() * lay.keys.element_size() * 2
+        for lay in stream.layers
+        if lay.keys is not None
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(
+    world: str, kind: str, sizes: list[int], decode: int, device: torch.device
+) -> list[dict]:
+    """Stream up to max(sizes), measuring decode latency at each size (one process)."""
+    model = build(world, device)
+    step = step_fn(world, model)
+    cache = new_cache(world, model, kind)
+    stream = cache if isinstance(cache, StreamCache) else cache.stream
+    ids = stream_ids(max(sizes) + decode * len(sizes) + 1, device)
+    pos, rows = 0, []
+    for size in sorted(sizes):
+        for start, end in chunks(stream, size - pos, PREFILL_CHUNK, exact=False):
+            step(cache, ids[:, pos + start : pos + end])
+        pos = size
+        times = []
+        for _ in range(decode):
+            sync(device)
+            t0 = time.perf_counter()
+            step(cache, ids[:, pos : pos + 1])
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            pos += 1
+        rows.append(
+            {
+                "world": world,
+                "cache": kind,
+                "tokens": size,
+                "ms": 1000 * statistics.median(times),
+                "mem_mb": peak_memory_bytes(device) / 2**20,
+                "cache_mb": cache_bytes(stream) / 2**20,
+                "length": max(lay.length for lay in stream.layers),
+            }
+        )
+    return rows
+
+
+def hf_generate_per_token(context: int, new: int, device: torch.device) -> float:
+    """transformers' generate with its default DynamicCache: seconds per generated token."""
+    model = build("hf", device)
+    prompt = stream_ids(context, device)
+
+    def timed(n: int) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        sync(device)
+        return time.perf_counter() - t0
+
+    timed(2)  # warm-up
+    return (timed(new) - timed(1)) / (new - 1)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| world | cache | tokens | decode ms/token | peak mem MB | cache MB | held keys |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['world']} | {r['cache']} | {r['tokens']} | {r['ms']:.2f} | {r['mem_mb']:.0f} | "
+            f"{r['cache_mb']:.1f} | {r['length']} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict], sizes: list[int]) -> list[str]:
+    out = []
+    lo, hi = min(sizes), max(sizes)
+    mid = min((s for s in sizes if s >= 8192), default=lo)
+    for world in ("ours", "hf"):
+        sep = {r["tokens"]: r for r in rows if r["world"] == world and r["cache"] == "sep"}
+        if lo in sep and hi in sep:
+            ratio = sep[hi]["ms"] / sep[lo]["ms"]
+            growth = sep[hi]["mem_mb"] / sep[mid]["mem_mb"] - 1
+            out.append(
+                f"{world}: SepCache latency {hi} / {lo} tokens = {ratio:.2f}x (target <= 1.2); "
+                f"peak memory {mid} -> {hi}: {100 * growth:+.1f}% (target within 10%)"
+            )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 8192, 32768, 65536])
+    p.add_argument("--decode", type=int, default=16, help="timed decode steps per size")
+    p.add_argument("--worlds", nargs="+", default=["ours", "hf"])
+    p.add_argument("--caches", nargs="+", default=["sep", "sink", "full"])
+    p.add_argument("--generate_new", type=int, default=32, help="tokens for the generate baseline")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
+    p.add_argument("--one", nargs=2, metavar=("WORLD", "CACHE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(run_one(*args.one, args.sizes, args.decode, device)))
+        return
+    rows: list[dict] = []
+    for world in args.worlds:
+        for kind in args.caches:
+            cmd = [sys.executable, __file__, "--one", world, kind, "--device", args.device]
+            cmd += ["--threads", str(args.threads)]
+            cmd += ["--decode", str(args.decode), "--sizes", *map(str, args.sizes)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows += json.loads(out.strip().splitlines()[-1])
+            print(
+                table([r for r in rows if r["world"] == world and r["cache"] == kind]), flush=True
+            )
+    print(f"\n## Streaming decode ({device}, torch {torch.__version__})\n")
+    print(table(rows))
+    for line in summary(rows, args.sizes):
+        print("- " + line)
+    if "hf" in args.worlds and 8192 in args.sizes:
+        gen = 1000 * hf_generate_per_token(8192, args.generate_new, device)
+        ours = {r["cache"]: r["ms"] for r in rows if r["world"] == "hf" and r["tokens"] == 8192}
+        print(
+            f"- transformers generate (DynamicCache) at 8192 context: {gen:.2f} ms/token; "
+            "our loop on the"
+        )
+        print(
+            "  same transformers model at 8192: "
+            + ", ".join(f"{k} {v:.2f} ms" for k, v in ours.items())
+        )
+
+
+if __name__ == "__main__":
+    main()
