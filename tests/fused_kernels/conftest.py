@@ -1,7 +1,8 @@
-"""Fused-kernel tests run the Triton kernels under the CPU interpreter. Triton reads
-TRITON_INTERPRET when `triton.jit` decorates a kernel and again when one runs, so it is set
-while megatron.fused_kernels.triton_kernels is imported (before any test module imports it)
-and during each test here; the rest of the suite keeps the environment it had."""
+"""Without a GPU the fused-kernel tests run the Triton kernels under the CPU interpreter.
+Triton reads TRITON_INTERPRET when `triton.jit` decorates a kernel and again when one runs,
+so it is set while megatron.fused_kernels.triton_kernels is imported (before any test module
+imports it) and during each test here; the rest of the suite keeps the environment it had.
+On a GPU machine the kernels are compiled and run on the GPU instead."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from megatron import fused_kernels
 
@@ -27,13 +29,16 @@ def _import_interpreted() -> None:
             os.environ["TRITON_INTERPRET"] = before
 
 
-_import_interpreted()
+INTERPRET = not torch.cuda.is_available()
+if INTERPRET:
+    _import_interpreted()
 
 
 @pytest.fixture(autouse=True)
 def fresh_dispatch(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test sees unprobed backends and no earlier announcements, in any order."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     fused_kernels.reset()
     yield
     fused_kernels.reset()

@@ -74,6 +74,8 @@ def test_triton_is_chosen_where_it_can_run(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("Triton is compiled for the GPU here (test_kernels runs it there)")
     caplog.set_level(logging.INFO, logger="megatron")
     monkeypatch.setattr(dispatch, "FUSED_DEVICES", ("cuda", "cpu"))  # the interpreter runs it
     t = _inputs()
@@ -91,6 +93,11 @@ def _pretend_gpu_without_triton(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     tmp_path: the CUDA path up to the build runs for real."""
     monkeypatch.setattr(dispatch, "FUSED_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(cuda_ext.torch.cuda, "is_available", lambda: True)
+
+    def not_installed() -> None:
+        raise ImportError("simulated: no prebuilt extension")
+
+    monkeypatch.setattr(cuda_ext, "import_prebuilt", not_installed)
 
     def no_triton() -> None:
         raise ImportError("simulated: triton not installed")
