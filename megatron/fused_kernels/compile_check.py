@@ -1,10 +1,14 @@
-"""Compile the CUDA sources (no link, no GPU) against the installed torch headers.
+"""Compile the fused kernels for a GPU without one: the CUDA sources and the Triton kernels.
 
-    python -m megatron.fused_kernels.compile_check [--arch sm_90] [--out DIR]
+    python -m megatron.fused_kernels.compile_check [--arch sm_90] [--out DIR] [--no-cuda]
+        [--no-triton] [--triton-archs 80 90]
 
-CI runs this where `nvcc` exists: it proves the .cu / .cpp files build with this torch, without
-a GPU and without the full extension build (no cuBLAS / cuSPARSE headers needed). Exit status
-is non-zero on a compiler error; without nvcc it says so and exits 0 (nothing to check).
+CUDA: each .cu / .cpp file is compiled (no link) with `nvcc` against the installed torch's
+headers: it proves the sources build with this torch, without the full extension build (no
+cuBLAS / cuSPARSE headers needed). Triton: each kernel variant the model launches is compiled
+ahead of time down to a cubin for sm_80 and sm_90 (Triton ships its own ptxas), which the CPU
+interpreter the tests use never does. Exit status is non-zero on a compiler error; without
+nvcc or Triton that part says so and is skipped.
 """
 
 from __future__ import annotations
@@ -97,18 +101,115 @@ def _compile(cmd: list[str]) -> tuple[str, bool, float, str]:
     return Path(cmd[2]).name, proc.returncode == 0, time.monotonic() - t0, report
 
 
+def _triton_variants() -> list[tuple[str, dict[str, str], dict[str, object]]]:
+    """(kernel, signature, constexprs) for each code path: rotary forward / backward with and
+    without pass-through dims, LayerNorm with and without bias, RMSNorm; bf16 and fp32."""
+    variants = []
+    for dt in ("bf16", "fp32"):
+        for backward, pas in ((False, 48), (True, 48), (False, 0)):
+            rope = dict(HALF=8, PASS=pas, BLOCK_H=16, BLOCK_HALF=8, BLOCK_PASS=64 if pas else 1)
+            variants.append(("_rope_kernel", {"*": dt}, {**rope, "BACKWARD": backward}))
+        for rms, bias in ((False, True), (False, False), (True, False)):
+            norm = dict(RMS=rms, HAS_BIAS=bias, BLOCK_N=1024)
+            variants.append(("_norm_fwd_kernel", {"*": dt}, norm))
+            variants.append(("_norm_bwd_kernel", {"*": dt}, norm))
+    return variants
+
+
+_FP32_BUFFERS = ("mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr")
+
+
+def triton_check(archs: tuple[int, ...] = (80, 90)) -> list[str]:
+    """Compile every Triton variant for each architecture; the failures (empty: all built)."""
+    failures: list[str] = []
+    with tempfile.TemporaryDirectory() as cache:
+        # A fresh cache: every variant is really compiled, not found from an earlier run.
+        os.environ["TRITON_CACHE_DIR"], before = cache, os.environ.get("TRITON_CACHE_DIR")
+        try:
+            for variant in _triton_variants():
+                failures += _compile_triton(*variant, archs)
+        finally:
+            if before is None:
+                del os.environ["TRITON_CACHE_DIR"]
+            else:
+                os.environ["TRITON_CACHE_DIR"] = before
+    return failures
+
+
+def _compile_triton(
+    name: str, dtypes: dict[str, str], constexprs: dict[str, object], archs: tuple[int, ...]
+) -> list[str]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from megatron.fused_kernels import triton_kernels
+
+    failures = []
+    fn = getattr(triton_kernels, name)
+    sig = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            sig[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            sig[arg] = "*fp32" if arg in _FP32_BUFFERS else f"*{dtypes['*']}"
+        else:
+            sig[arg] = "fp32" if arg == "eps" else "i32"
+    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    for arch in archs:
+        try:
+            triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32))
+        except Exception as e:  # report every failing variant, not just the first
+            failures.append(f"{name} sm_{arch} {dtypes['*']} {constexprs}: {str(e)[-800:]}")
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--arch", default="sm_90", help="one GPU architecture to compile for")
     parser.add_argument("--out", default=None, help="object directory (default: a temp dir)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA sources")
+    parser.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
+    parser.add_argument(
+        "--triton-archs", type=int, nargs="+", default=[80, 90], help="compute capabilities"
+    )
     args = parser.parse_args(argv)
+    ok = True
+    if not args.no_triton:
+        ok &= _report_triton(tuple(args.triton_archs))
+    if not args.no_cuda:
+        ok &= _report_cuda(args)
+    return 0 if ok else 1
+
+
+def _report_triton(archs: tuple[int, ...]) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_check: TRITON_INTERPRET=1 makes the kernels interpreted; unset it")
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("compile_check: Triton not installed; Triton kernels not checked")
+        return True
+    t0 = time.monotonic()
+    failures = triton_check(archs)
+    for f in failures:
+        print(f"compile_check: triton {f}")
+    n, where = len(_triton_variants()) * len(archs), " / ".join(f"sm_{a}" for a in archs)
+    state = "FAILED" if failures else "ok"
+    seconds = time.monotonic() - t0
+    print(f"compile_check: triton {n} kernel variants for {where} {state} ({seconds:.1f}s)")
+    return not failures
+
+
+def _report_cuda(args: argparse.Namespace) -> bool:
     nvcc = shutil.which("nvcc") or (
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
     )
     if not nvcc or not os.path.exists(nvcc):
-        print("compile_check: no nvcc on PATH or CUDA_HOME; nothing to compile")
-        return 0
+        print("compile_check: no nvcc on PATH or CUDA_HOME; CUDA sources not compiled")
+        return True
     cxx = os.environ.get("CXX", "c++")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
@@ -120,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compile_check: {name} {'ok' if ok else 'FAILED'} ({seconds:.1f}s)")
         if not ok:
             print(report)
-    if not all(ok for _, ok, _, _ in results):
-        return 1
-    return 0
+    return all(ok for _, ok, _, _ in results)
 
 
 if __name__ == "__main__":
