@@ -160,3 +160,14 @@ def test_left_padded_rows_equal_single_rows() -> None:
 def test_bad_sizes_rejected() -> None:
     with pytest.raises(ValueError, match="< cache_size"):
         make_policies("sep", 2, 4, 32, 256, 292)
+
+
+def test_long_prefill_holds_at_most_c_plus_one_chunk() -> None:
+    model = build(LLAMA)
+    ids = stream_ids(600, seed=9)
+    cache = new_cache(model, "sep", True)
+    for start, end in chunks(cache, len(ids), 16, exact=False):
+        forward_step(model, cache, ids[None, start:end])
+        assert int(cache.layer(0).row_lengths().max()) <= C
+    stats = cache.summary()
+    assert max(stats["peak_attended"]) <= C + 16 and stats["tokens"] == 600
