@@ -34,7 +34,7 @@ def compress(
         grow = max(0, len(kept_seps) - s)
         c, s = c + grow, s + grow
     else:
-        kept_seps = kept_seps[len(kept_seps) - s :] if s > 0 else []
+        kept_seps = kept_seps[max(0, len(kept_seps) - s) :] if s > 0 else []
     return init + kept_seps + local, c, s
 
 

@@ -171,3 +171,16 @@ def test_long_prefill_holds_at_most_c_plus_one_chunk() -> None:
         assert int(cache.layer(0).row_lengths().max()) <= C
     stats = cache.summary()
     assert max(stats["peak_attended"]) <= C + 16 and stats["tokens"] == 600
+
+
+def test_per_layer_sizes() -> None:
+    model = build(NEOX)
+    ids = stream_ids(40, seed=4)
+    policies = make_policies("sep", 2, A, [S, S + 2], W, [C, C + 4])
+    cache = StreamCache(policies, SEPS, True, model_rotary(model))
+    token_by_token(model, cache, ids)
+    peaks = cache.summary()["peak_length"]
+    assert peaks == [C, C + 4]
+    for layer, (s, c) in zip(cache.layers, [(S, C), (S + 2, C + 4)], strict=True):
+        held = simulate_policy(ids.tolist() + [0], "sep", A, s, W, c, set(SEPS))[-1][:-1]
+        assert layer.text_pos[0][layer.valid[0]].tolist() == held
