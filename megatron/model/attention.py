@@ -24,6 +24,7 @@ class SelfAttention(nn.Module):
         bias: bool,
         attention_dropout: float,
         tp: TensorParallel = SINGLE,
+        rope_fusion: bool = False,
     ) -> None:
         super().__init__()
         # Tensor parallelism splits whole heads (query and key/value heads alike).
@@ -35,6 +36,7 @@ class SelfAttention(nn.Module):
         self.qkv = ColumnParallelLinear(hidden, sum(parts), bias, tp, parts=parts)
         self.dense = RowParallelLinear(heads * self.head_dim, hidden, bias, tp)
         self.attention_dropout = attention_dropout
+        self.rope_fusion = rope_fusion  # config `rope_fusion`: rotary through the fused dispatch
 
     def forward(
         self,
@@ -51,7 +53,8 @@ class SelfAttention(nn.Module):
         k = k.view(b, s, self.kv_heads, d).transpose(1, 2)  # [B, Hkv, S, D]
         v = v.view(b, s, self.kv_heads, d).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            fuse = self.rope_fusion
+            q, k = apply_rotary(q, *rope, fusion=fuse), apply_rotary(k, *rope, fusion=fuse)
         p = self.attention_dropout if self.training else 0.0
         out = kernel(q, k, v, window=window, kept=kept, dropout_p=p)  # [B, H, S, D]
         return self.dense(out.transpose(1, 2).reshape(b, s, self.heads * d))

@@ -63,7 +63,8 @@ class Block(nn.Module):
     def __init__(self, m: ModelConfig, sep: SepLLMConfig, window: int, tp: TensorParallel = SINGLE):
         super().__init__()
         eps, nb = m.layernorm_epsilon, m.use_bias_in_norms
-        self.ln1 = build_norm(m.norm, m.hidden_size, eps, nb)
+        fuse = (m.layernorm_fusion, m.rmsnorm_fusion)
+        self.ln1 = build_norm(m.norm, m.hidden_size, eps, nb, *fuse)
         self.attn = SelfAttention(
             m.hidden_size,
             m.num_attention_heads,
@@ -71,8 +72,9 @@ class Block(nn.Module):
             m.use_bias_in_attn_linear,
             m.attention_dropout,
             tp,
+            rope_fusion=m.rope_fusion,
         )
-        self.ln2 = build_norm(m.norm, m.hidden_size, eps, nb)
+        self.ln2 = build_norm(m.norm, m.hidden_size, eps, nb, *fuse)
         self.mlp = build_mlp(m.activation, m.hidden_size, m.ffn_size, m.use_bias_in_mlp, tp)
         self.parallel_residual = m.gpt_j_residual
         self.drop = nn.Dropout(m.hidden_dropout)
@@ -122,7 +124,12 @@ class OutputHead(nn.Module):
     def __init__(self, m: ModelConfig, vocab_size: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.final_norm = build_norm(
-            m.norm, m.hidden_size, m.layernorm_epsilon, m.use_bias_in_norms
+            m.norm,
+            m.hidden_size,
+            m.layernorm_epsilon,
+            m.use_bias_in_norms,
+            m.layernorm_fusion,
+            m.rmsnorm_fusion,
         )
         self.head = (
             ColumnParallelLinear(m.hidden_size, vocab_size, False, tp)
