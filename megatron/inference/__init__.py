@@ -1,0 +1,2 @@
+"""Streaming inference: SepCache / sink / full caches for our models and transformers models
+(docs/streaming.md)."""

@@ -86,3 +86,16 @@ def test_sampling_rules() -> None:
     # softmax [0.032, 0.087, 0.237, 0.644]: top_p 0.7 keeps 3 and 2 (0.644 < 0.7)
     nucleus = {sample(logits, Sampling(1.0, top_p=0.7), g).item() for _ in range(200)}
     assert nucleus == {2, 3}
+
+
+def test_interactive_reads_prompts_until_empty_line(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("To be\nWhether\n\nnever read\n"))
+    argv = ["--model_name_or_path", str(models["hf"]), "--text_gen_type", "interactive"]
+    results = generate_cli.main(
+        [*argv, "--maximum_tokens", "5", "--temperature", "0", *SEP, *SIZES]
+    )
+    assert [r["context"] for r in results] == ["To be", "Whether"]
