@@ -76,6 +76,14 @@ def check_source(name: str) -> None:
     looks_local = name.endswith((".txt", ".jsonl", ".json", ".parquet"))
     if name not in BUNDLED_NAMES and looks_local and not os.path.exists(name):
         raise FileNotFoundError(f"dataset file {name!r} does not exist")
+    if name not in BUNDLED_NAMES and not os.path.exists(name):
+        import importlib.util
+
+        if importlib.util.find_spec("datasets") is None:
+            raise RuntimeError(
+                f"--dataset_name {name!r} is not a local file and the `datasets` package is not "
+                "installed: pass a local .txt / .jsonl / .parquet file or 'bundled'"
+            )
 
 
 def iter_texts(name: str, task: str | None = None, split: str = "test") -> Iterator[str]:

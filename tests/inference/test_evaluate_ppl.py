@@ -108,3 +108,11 @@ def test_missing_inputs(models: dict[str, Path], tmp_path: Path) -> None:
     (empty / "config.json").write_text((models["hf"] / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="no weights"):
         evaluate_ppl.main([*argv, "--model_name_or_path", str(empty), "--dataset_name", "bundled"])
+
+
+def test_hub_dataset_offline_says_pass_a_local_file(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    argv = ["--model_name_or_path", str(models["ours"]), "--output_dir", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="local .txt"):
+        evaluate_ppl.main([*argv, "--dataset_name", "emozilla/pg19-test"])
