@@ -69,7 +69,7 @@ def sample_counts(cfg: Config) -> tuple[int, int, int]:
 
 
 def build_engine(cfg: Config, model: GPTModel, mpu: Any = None) -> tuple[Any, Any]:
-    import deepspeed  # noqa: PLC0415
+    import deepspeed  # heavy: imported when an engine is built
 
     if cfg.training.precision == "fp16" and not torch.cuda.is_available():
         raise RuntimeError("precision fp16 needs a GPU; use bfloat16 or fp32 on CPU")
