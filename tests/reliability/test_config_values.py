@@ -15,26 +15,7 @@ import pytest
 from megatron.config import ConfigError, finalize, load_config, validate
 from megatron.config.loader import build_config, field_index, merge_sources
 from megatron.config.reference import render
-
-BASE = {
-    "num_layers": 2,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "seq_length": 32,
-    "train_micro_batch_size_per_gpu": 2,
-    "train_iters": 10,
-    "data_path": "data/x",
-}
-
-
-def cfg_from(**kw):
-    return build_config(merge_sources([("test", {**BASE, **kw})]))
-
-
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    p = tmp_path / name
-    p.write_text(text)
-    return p
+from tests.test_config import cfg_from, write
 
 
 @pytest.mark.parametrize(
