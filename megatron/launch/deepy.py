@@ -308,24 +308,38 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return args.set + [f"{k}={getattr(args, k)}" for k in keys if getattr(args, k) is not None]
 
 
+@contextlib.contextmanager
+def library_output_to_stderr() -> Iterator[None]:
+    """While the plan is built, anything a library prints goes to stderr, not stdout.
+
+    `--dry-run` / `--print-config` output is parsed by scripts and tests, so stdout must hold
+    only that. DeepSpeed logs "Setting accelerator to CPU" to a handler bound to sys.stdout,
+    bound when deepspeed was first imported (possibly long before this call): redirect
+    sys.stdout for new handlers and re-point existing stdout stream handlers for the block.
+    """
+    stdouts = {id(sys.stdout), id(sys.__stdout__)}
+    moved = []
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for h in getattr(logger, "handlers", []):
+            if type(h) is logging.StreamHandler and (
+                id(h.stream) in stdouts or getattr(h.stream, "name", "") == "<stdout>"
+            ):
+                moved.append((h, h.stream))
+                h.setStream(sys.stderr)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for h, stream in moved:
+            h.setStream(stream)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        sources, raw = gather_sources(args.configs, _overrides(args))
-        cfg: Config = build_config(merge_sources(sources))
-        if args.node_rank is not None:
-            # Not put into the sources: every rank keeps an identical config on every node.
-            cfg.launcher.node_rank = args.node_rank
-        errors: list[str] = []
-        validate_launcher(cfg.launcher, errors)  # first: build_plan relies on it
-        if errors:
-            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
-        plan = build_plan(cfg.launcher, args.script, [CONFIG_ARGS])
-        validate(cfg, plan.world_size or 1)
-        if not (args.dry_run or args.print_config):
-            preflight(plan)
-            prepare_bundled_data(cfg)  # once per node, before any rank starts
+        with library_output_to_stderr():
+            plan, cfg, sources, raw = _prepare(args)
     except ConfigError as exc:
         print(f"deepy.py: {exc}", file=sys.stderr)
         return 2
@@ -340,3 +354,22 @@ def main(argv: list[str] | None = None) -> int:
         write_sources_file(path, sources, raw)
     log.info("%s", describe(plan))
     return execute(plan)
+
+
+def _prepare(args: argparse.Namespace) -> tuple[LaunchPlan, Config, Sources, dict[str, str]]:
+    """Read and validate the config, build the plan, and (for a real launch) pre-flight."""
+    sources, raw = gather_sources(args.configs, _overrides(args))
+    cfg: Config = build_config(merge_sources(sources))
+    if args.node_rank is not None:
+        # Not put into the sources: every rank keeps an identical config on every node.
+        cfg.launcher.node_rank = args.node_rank
+    errors: list[str] = []
+    validate_launcher(cfg.launcher, errors)  # first: build_plan relies on it
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    plan = build_plan(cfg.launcher, args.script, [CONFIG_ARGS])
+    validate(cfg, plan.world_size or 1)
+    if not (args.dry_run or args.print_config):
+        preflight(plan)
+        prepare_bundled_data(cfg)  # once per node, before any rank starts
+    return plan, cfg, sources, raw

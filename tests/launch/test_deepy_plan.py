@@ -330,3 +330,30 @@ def test_train_takes_yaml_or_launch_config_not_both(tmp_path: Path) -> None:
         train_parse_args(["a.yml", "--config-file", "c.json"])
     with pytest.raises(SystemExit):
         train_parse_args(["--config-file", "c.json", "--config-env", CONFIG_ENV])
+
+
+def test_dry_run_stdout_holds_only_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture, hostfile: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Case 17 of the reliability issue: a library logging to a handler bound to stdout (as
+    DeepSpeed's logger is, whenever deepspeed was first imported) must not reach the output."""
+    import logging
+    import sys
+
+    noisy = logging.getLogger("tests.noisy_library")
+    handler = logging.StreamHandler(sys.stdout)  # bound now, like DeepSpeed's at import
+    noisy.addHandler(handler)
+    real_read = hosts.read_hostfile
+
+    def read(path: str) -> dict[str, int]:
+        noisy.warning("Setting accelerator to CPU")
+        print("a stray print")
+        return real_read(path)
+
+    monkeypatch.setattr(hosts, "read_hostfile", read)
+    try:
+        out = dry_run(tmp_path, capsys, hostfile=hostfile, launcher="openmpi", num_nodes=1)
+    finally:
+        noisy.removeHandler(handler)
+    assert out.startswith("deepspeed --hostfile"), out
+    assert handler.stream is sys.stdout  # restored afterwards
