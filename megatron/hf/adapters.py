@@ -8,11 +8,10 @@ conversion raises naming the keys left over (or the ones missing).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from megatron.config.schema import ModelConfig, SepLLMConfig
+from megatron.hf.configs import UnmappedOption, check_exportable, family, hf_config
 from megatron.model.transformer import GPTModel
 from megatron.parallel.layers import Layout, param_layouts
 
@@ -25,8 +24,7 @@ HF_HEADS = ("lm_head.weight", "embed_out.weight")
 HF_BUFFERS = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
 
 
-def family(m: ModelConfig) -> str:
-    return "llama" if (m.norm == "rmsnorm" and m.activation == "swiglu") else "neox"
+__all__ = ["family", "from_hf", "hf_config", "to_hf"]
 
 
 def _neox_layer_map(i: int) -> dict[str, str]:
@@ -100,7 +98,7 @@ def _llama_qkv(i: int, kind: str) -> list[str]:
 
 def _check_neox_heads(m: ModelConfig) -> None:
     if m.kv_heads != m.num_attention_heads:
-        raise ValueError(
+        raise UnmappedOption(
             f"GPT-NeoX has no grouped-query attention (num_kv_heads {m.kv_heads} != "
             f"num_attention_heads {m.num_attention_heads})"
         )
@@ -145,6 +143,7 @@ def to_hf(state: dict[str, Tensor], m: ModelConfig) -> dict[str, Tensor]:
     head = _take(state, HEAD, consumed, what) if m.no_weight_tying else state[EMBED]
     out["lm_head.weight"] = head
     _strict(what, state, consumed)
+    check_exportable(m)  # keys can match while the architecture differs (rmsnorm + gelu)
     return {k: v.clone() for k, v in out.items()}
 
 
@@ -181,40 +180,5 @@ def from_hf(hf_state: dict[str, Tensor], m: ModelConfig) -> dict[str, Tensor]:
         out[HEAD] = hf_state[heads[0]]
     consumed.update(heads)  # with tied weights the head is the embedding
     _strict(what, hf_state, consumed)
+    check_exportable(m)
     return {k: v.clone() for k, v in out.items()}
-
-
-def hf_config(m: ModelConfig, vocab_size: int) -> Any:
-    """A transformers config describing the same architecture."""
-    from transformers import GPTNeoXConfig, LlamaConfig  # deferred: heavy, export-only import
-
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads,
-        intermediate_size=m.ffn_size,
-        max_position_embeddings=m.max_positions,
-        tie_word_embeddings=not m.no_weight_tying,
-    )
-    if family(m) == "neox":
-        return GPTNeoXConfig(
-            **common,
-            hidden_act="gelu",
-            layer_norm_eps=m.layernorm_epsilon,
-            use_parallel_residual=m.gpt_j_residual,
-            attention_bias=m.use_bias_in_attn_linear,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": m.rotary_emb_base,
-                "partial_rotary_factor": m.rotary_pct,
-            },
-        )
-    return LlamaConfig(
-        **common,
-        num_key_value_heads=m.kv_heads,
-        rms_norm_eps=m.layernorm_epsilon,
-        attention_bias=m.use_bias_in_attn_linear,
-        mlp_bias=m.use_bias_in_mlp,
-        rope_parameters={"rope_type": "default", "rope_theta": m.rotary_emb_base},
-    )
