@@ -9,8 +9,10 @@ tiny.yml shape; weights do not change the timing). Stream: random ids, ~12% sepa
 Caches: SepCache a=4, s=32, w=224, c=324 (the paper's PG19 setting), sink a=4, c=324, full.
 Each (world, cache) runs in its own process, so its peak RSS is its own: the stream is
 prefilled in chunks of 256 (compressing after each), and at each size N the decode latency is
-the median of `--decode` single-token steps. `mem` is the process's peak RSS so far (CUDA:
-allocator peak) and `cache_mb` the bytes the cache's tensors hold. Then transformers'
+the median of `--decode` single-token steps. The full cache stops at --full_max (32k by
+default: its prefill is quadratic, 64k would take about a quarter of an hour on this CPU).
+`mem` is the process's peak RSS so far (CUDA: allocator peak) and `cache_mb` the bytes the
+cache's tensors hold. Then transformers'
 `generate` at an 8k context: per-token time = (t(8k prompt + M new) - t(8k prompt + 1)) /
 (M - 1), against our loop's per-token time at 8k on the same model (SepCache and full).
 """
@@ -187,6 +189,12 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=16, help="timed decode steps per size")
     p.add_argument("--worlds", nargs="+", default=["ours", "hf"])
     p.add_argument("--caches", nargs="+", default=["sep", "sink", "full"])
+    p.add_argument(
+        "--full_max",
+        type=int,
+        default=32768,
+        help="largest size for the full cache (its prefill is O(N^2): 64k takes ~15 min here)",
+    )
     p.add_argument("--generate_new", type=int, default=32, help="tokens for the generate baseline")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
@@ -202,7 +210,8 @@ def main() -> None:
         for kind in args.caches:
             cmd = [sys.executable, __file__, "--one", world, kind, "--device", args.device]
             cmd += ["--threads", str(args.threads)]
-            cmd += ["--decode", str(args.decode), "--sizes", *map(str, args.sizes)]
+            sizes = [n for n in args.sizes if kind != "full" or n <= args.full_max]
+            cmd += ["--decode", str(args.decode), "--sizes", *map(str, sizes)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows += json.loads(out.strip().splitlines()[-1])
             print(

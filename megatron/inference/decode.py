@@ -81,8 +81,15 @@ def _attention(
         cos, sin = rotary.cos_sin(pos, q.dtype)  # [B, n, R]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     keys, values = layer.append(k.contiguous(), v.contiguous(), step, pos)  # [B, Hkv, L, D]
-    kept = _kept(model, cache, i, n)
-    out = get_kernel("dense")(q, keys, values, window=layer_window(model, i), kept=kept)
+    window = layer_window(model, i)
+    if window == FULL_WINDOW and bool(layer.valid.all()):
+        # Every held key is kept and none is padding: bottom-right causal attention is the
+        # same set (query j of n sees the first L - n + j + 1 keys), through the flash path
+        # instead of an n x L boolean mask.
+        out = get_kernel("causal")(q, keys, values, window=window, kept=None)
+    else:
+        kept = _kept(model, cache, i, n)
+        out = get_kernel("dense")(q, keys, values, window=window, kept=kept)
     return attn.dense(out.transpose(1, 2).reshape(b, n, attn.heads * d))
 
 
