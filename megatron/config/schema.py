@@ -182,6 +182,11 @@ class TrainingConfig:
     )
     checkpoint_activations: bool = _f(False, "Recompute each block in backward.")
     seed: int = _f(1234, "Seed of init, data order and dropout.", ge=0)
+    skip_nonfinite_steps: bool = _f(
+        False,
+        "Skip an optimizer step whose loss or grad norm is NaN/inf (no update; counted as "
+        "`skipped` in the log) instead of stopping the run. Plain engine with ZeRO stage 0.",
+    )
     deepspeed_extra: dict = _f({}, "Extra DeepSpeed config entries merged last (expert use).")
 
 
@@ -218,6 +223,22 @@ class CheckpointConfig:
     iteration: int | None = _f(None, "Load this iteration instead of `latest`.", ge=0)
     allow_fresh_start: bool = _f(
         False, "If `load` holds no checkpoint, start fresh instead of stopping with an error."
+    )
+    overwrite_checkpoints: bool = _f(
+        False,
+        "Let a run that does not resume from `save` start there anyway: the directory's "
+        "existing checkpoints and `latest` are deleted before the first step (otherwise such "
+        "a run is refused).",
+    )
+    allow_unsafe_checkpoint_load: bool = _f(
+        False,
+        "Load checkpoint files with torch.load(weights_only=False), which can run code stored "
+        "in them; only for trusted files from older versions holding other objects (warns).",
+    )
+    verify_checkpoint_checksums: bool = _f(
+        True,
+        "Check every file of a COMPLETE checkpoint against the checksums written with it "
+        "before loading (one read of the checkpoint, shared by the ranks).",
     )
 
 

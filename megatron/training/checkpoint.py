@@ -7,10 +7,14 @@ finished writing, so a crash mid-save leaves the previous checkpoint as latest.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import logging
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +25,13 @@ import yaml
 
 from megatron.common.files import atomic_write_text
 from megatron.config.schema import CheckpointConfig
+from megatron.training import checksums, safe_load
+from megatron.training.safe_load import CheckpointLoadError
 
 COMPLETE = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"  # the client state (iteration, consumed samples, evals)
 _TAG = re.compile(r"^global_step(\d+)$")
+log = logging.getLogger("megatron")
 
 
 class CheckpointError(RuntimeError):
@@ -62,38 +70,95 @@ def save(
     raw_configs: dict[str, str],
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save on every rank; `extra(dir)` (called on every rank) adds files before COMPLETE."""
+    """Save on every rank; `extra(dir)` (called on every rank) adds files before COMPLETE.
+
+    `client_state` is also written as `trainer_state.json` (plain JSON: reading it back runs
+    no code). An OSError while writing (ENOSPC, EACCES ...) becomes a CheckpointError naming
+    the directory, the errno and the free space; `latest` then still names the previous one.
+    """
     root = Path(ckpt.save)
     tag = tag_for(iteration)
     rank = dist.get_rank()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     out = root / tag
-    torch.save(_rng_state(), out / f"rng_rank{rank}.pt")
-    if extra is not None:
-        extra(out)
-    if rank == 0:
-        (out / "config.yml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
-        (out / "configs").mkdir(exist_ok=True)
-        for name, text in raw_configs.items():
-            (out / "configs" / Path(name).name).write_text(text)
+    with _explain_os_error(root, out):
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(_rng_state(), out / f"rng_rank{rank}.pt")
+        if extra is not None:
+            extra(out)
+        if rank == 0:
+            (out / "config.yml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
+            atomic_write_text(out / TRAINER_STATE, json.dumps(client_state))
+            (out / "configs").mkdir(exist_ok=True)
+            for name, text in raw_configs.items():
+                (out / "configs" / Path(name).name).write_text(text)
     dist.barrier()
     if rank == 0:
-        (out / COMPLETE).write_text(str(iteration))
-        atomic_write_text(root / "latest", tag)
-        _prune(root, ckpt.keep_last_n_checkpoints, keep=tag)
+        with _explain_os_error(root, out):
+            # Checksums of every file, verified before a load (bit rot is refused).
+            checksums.write_complete(out, COMPLETE, iteration)
+            atomic_write_text(root / "latest", tag)
+        prune(root, ckpt.keep_last_n_checkpoints, keep=tag)
     dist.barrier()
     return out
 
 
-def _prune(root: Path, keep_last: int | None, keep: str) -> None:
-    if not keep_last:
-        return
-    tags = sorted(
-        (int(m.group(1)), p) for p in root.iterdir() if (m := _TAG.match(p.name)) and p.is_dir()
-    )
-    for _, path in tags[:-keep_last]:
-        if path.name != keep:
-            shutil.rmtree(path, ignore_errors=True)
+@contextlib.contextmanager
+def _explain_os_error(root: Path, out: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0, "unknown errno")
+        try:
+            free = f"{shutil.disk_usage(root).free / 2**20:,.0f} MiB free on {root}"
+        except OSError:
+            free = f"free space on {root} unknown"
+        latest = root / "latest"
+        previous = latest.read_text().strip() if latest.is_file() else "nothing"
+        raise CheckpointError(
+            f"saving checkpoint {out} failed: {exc.strerror or exc} ({code}) at "
+            f"{exc.filename or out}; {free}. `latest` still names {previous}; the incomplete "
+            f"{out.name} is cleaned by retention once a newer checkpoint is complete."
+        ) from exc
+
+
+def checkpoint_dirs(root: Path) -> list[tuple[int, Path, bool]]:
+    """(iteration, directory, complete) of every `global_step<N>` directory, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _TAG.match(p.name))]
+    return sorted((n, p, (p / COMPLETE).is_file()) for n, p in found if p.is_dir())
+
+
+def prune(root: Path, keep_last: int | None, keep: str | None = None) -> list[Path]:
+    """Retention: keep the newest `keep_last` complete checkpoints, and `keep` (the one
+    `latest` names, even if a resumed older iteration made it not the newest); returns what
+    was deleted.
+
+    Only directories with a COMPLETE marker count toward the limit. An incomplete one (a save
+    killed midway) is reported, and deleted only when older than the newest complete
+    checkpoint: a newer one may still be written by a run, or be all that is left of one.
+    """
+    dirs = checkpoint_dirs(root)
+    complete = [p for _, p, ok in dirs if ok]
+    newest = max((n for n, _, ok in dirs if ok), default=None)
+    doomed = [p for p in complete[:-keep_last] if p.name != keep] if keep_last else []
+    for n, p, ok in dirs:
+        if ok:
+            continue
+        older = newest is not None and n < newest
+        log.warning(
+            "checkpoint %s is incomplete (no %s marker): %s",
+            p,
+            COMPLETE,
+            "deleting it (older than the newest complete checkpoint)"
+            if older
+            else "kept (not older than the newest complete checkpoint); it is never loaded",
+        )
+        if older:
+            doomed.append(p)
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
 
 
 def find_tag(ckpt: CheckpointConfig) -> str | None:
@@ -123,24 +188,39 @@ def resolve_tag(ckpt: CheckpointConfig) -> str | None:
             f"load = {ckpt.load} holds no checkpoint (no 'latest' file); refusing to start from "
             "iteration 0 silently. Fix the path or set allow_fresh_start: true."
         )
+    if tag is not None and ckpt.verify_checkpoint_checksums:
+        checksums.verify_all_ranks(Path(ckpt.load) / tag, COMPLETE)
     return tag
 
 
 def load(engine: Any, ckpt: CheckpointConfig, tag: str) -> int:
     """Load a checkpoint of the same layout; returns the iteration to continue from."""
-    finetune = ckpt.finetune
-    path, client = engine.load_checkpoint(
-        ckpt.load,
-        tag=tag,
-        load_module_only=finetune,
-        load_optimizer_states=not finetune,
-        load_lr_scheduler_states=not finetune,
-    )
+    finetune, unsafe = ckpt.finetune, ckpt.allow_unsafe_checkpoint_load
+    safe_load.install(engine, unsafe)  # DeepSpeed's own files: no code runs on load either
+    where = Path(ckpt.load) / tag
+    try:
+        path, client = engine.load_checkpoint(
+            ckpt.load,
+            tag=tag,
+            load_module_only=finetune,
+            load_optimizer_states=not finetune,
+            load_lr_scheduler_states=not finetune,
+        )
+    except (RuntimeError, KeyError, ValueError) as exc:
+        if isinstance(exc, CheckpointLoadError):
+            raise
+        # torch / DeepSpeed name neither the checkpoint nor the key that made it not fit.
+        raise CheckpointError(
+            f"loading checkpoint {where} (checkpoint.load = {ckpt.load}) failed: "
+            f"{type(exc).__name__}: {exc}. A shape mismatch means the model section "
+            "(num_layers, hidden_size, vocab / padding, ...) differs from the saved run's "
+            f"{where / 'config.yml'}."
+        ) from exc
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {Path(ckpt.load) / tag}")
+        raise CheckpointError(f"DeepSpeed could not load {where}")
     if finetune:
         return 0
-    rng = Path(ckpt.load) / tag / f"rng_rank{dist.get_rank()}.pt"
+    rng = where / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(safe_load.load_file(rng, allow_unsafe=unsafe))
     return int(client["iteration"])

@@ -41,6 +41,7 @@ class MetricsWriter:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"iteration": step, **values}) + "\n")
             self.jsonl.flush()
+        values = {k: v for k, v in values.items() if v is not None}  # e.g. no grad norm
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
@@ -57,11 +58,20 @@ class MetricsWriter:
 
 
 def format_line(it: int, total: int, values: dict[str, float], eta_s: float) -> str:
+    skipped = values.get("train/skipped_steps")
     return (
-        f"iter {it:>6}/{total} | loss {values['train/loss']:.4f} | lr {values['train/lr']:.3e} | "
-        f"grad norm {values['train/grad_norm']:.3f} | tokens/s {values['train/tokens_per_s']:,.0f}"
-        f" | ms/iter {values['train/ms_per_iter']:.1f} | ETA {_hms(eta_s)}"
+        f"iter {it:>6}/{total} | loss {_num(values.get('train/loss'), '.4f')} | "
+        f"lr {values['train/lr']:.3e} | grad norm {_num(values.get('train/grad_norm'), '.3f')} | "
+        f"tokens/s {values['train/tokens_per_s']:,.0f} | ms/iter {values['train/ms_per_iter']:.1f}"
+        + (f" | skipped {int(skipped)}" if skipped else "")
+        + f" | ETA {_hms(eta_s)}"
     )
+
+
+def _num(value: float | None, spec: str) -> str:
+    """A value may be missing (no grad norm without clipping under the pipeline engine) or
+    non-finite (a skipped step): say so instead of failing to format."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _hms(seconds: float) -> str:

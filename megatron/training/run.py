@@ -16,6 +16,7 @@ from megatron.config.validate import finalize
 from megatron.data.builder import build_train_valid_test_datasets
 from megatron.data.tokenizers import Tokenizer, build_tokenizer
 from megatron.parallel.topology import Parallelism, build_parallelism
+from megatron.training.preflight import run_preflight
 from megatron.training.setup import Datasets, sample_counts
 from megatron.training.trainer import Trainer
 
@@ -43,6 +44,9 @@ def build_run(
     finalize(cfg, world, tokenizer.vocab_size)
     if rank == 0:
         _log_shape(cfg)
+    # Directories, free space, a fresh run into used checkpoints, the resumed checkpoint's
+    # config: refused now rather than after hours of training.
+    run_preflight(cfg, rank)
     # Rank 0 builds (and caches) the index arrays first; the others then only load them.
     for turn in (0, 1):
         if (rank == 0) == (turn == 0):

@@ -5,6 +5,7 @@ Both hold a DeepSpeed engine and a scheduler; the trainer loop does not know whi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,7 +63,9 @@ class NormRecorder:
     to record the norm it computed (no second pass over the gradients)."""
 
     def __init__(self, engine: Any) -> None:
-        self.engine, self.value = engine, float("nan")
+        # `value` is None until clipping ran: a NaN norm is a real (diverged) value to report,
+        # never a sentinel for "not computed".
+        self.engine, self.value = engine, None
         if engine.gradient_clipping() > 0:
             engine.clip_fp32_gradients = self._clip_and_record
 
@@ -85,7 +88,7 @@ class NormRecorder:
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             return float(norm)
-        return None if self.value != self.value else self.value  # nan: clipping is off
+        return self.value  # None: clipping is off and nothing computed it
 
 
 class EngineSteps:
@@ -97,23 +100,40 @@ class EngineSteps:
         self.engine, self.scheduler = build_engine(cfg, model, par.grid)
         self.norms = NormRecorder(self.engine)
         self.clipping = self.engine.gradient_clipping() > 0
+        self.skip_nonfinite = cfg.training.skip_nonfinite_steps
+        # Whether the last train_step left the weights untouched (preflight allows the skip
+        # only where gradients live in p.grad: fp32, ZeRO 0, no pipeline).
+        self.skipped = False
 
     def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
         inputs, labels, mask = split_batch(tokens, self.eod, self.cfg.data.eod_mask_loss)
         return lm_loss(self.engine(inputs), labels, mask, self.par.tp)
 
-    def train_step(self, batches: Batches) -> tuple[float, float]:
+    def train_step(self, batches: Batches) -> tuple[float, float | None]:
         """One optimizer step: (mean micro-batch loss, global grad norm before clipping)."""
         total, norm = 0.0, None
+        self.skipped = False
         for _ in range(self.cfg.derived.grad_accum):
             loss = self._loss(next(batches))
             self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary() and not self.clipping:
-                norm = grad_norm(self.engine.module, self.par)  # nothing else computes it
-            self.engine.step()
             total += loss.detach().float().item()
-        recorded = self.norms.norm()
+            if self.engine.is_gradient_accumulation_boundary():
+                if not self.clipping or self.skip_nonfinite:
+                    norm = grad_norm(self.engine.module, self.par)  # nothing else computes it
+                # Decided on the norm alone: gradients are already all-reduced, so every
+                # data-parallel rank sees the same norm (its own loss could differ).
+                if self.skip_nonfinite and not math.isfinite(norm):
+                    self._drop_gradients()
+            self.engine.step()
+        recorded = None if self.skipped else self.norms.norm()
         return total / self.cfg.derived.grad_accum, recorded if recorded is not None else norm
+
+    def _drop_gradients(self) -> None:
+        """Make the coming optimizer step a no-op: torch optimizers skip parameters without a
+        gradient (no update, no weight decay, no Adam step count)."""
+        for p in self.engine.module.parameters():
+            p.grad = None
+        self.skipped = True
 
     def eval_loss(self, batches: Batches) -> float:
         """Mean loss of one global batch's worth of micro-batches."""
@@ -145,10 +165,9 @@ class PipelineSteps:
             inputs, labels, mask = split_batch(tokens, self.eod, self.cfg.data.eod_mask_loss)
             yield inputs, (labels, mask)
 
-    def train_step(self, batches: Batches) -> tuple[float, float]:
+    def train_step(self, batches: Batches) -> tuple[float, float | None]:
         loss = self.engine.train_batch(data_iter=self._micro(batches))
-        norm = self.norms.norm()
-        return float(loss), float("nan") if norm is None else norm
+        return float(loss), self.norms.norm()  # None: no clipping, nothing computed the norm
 
     def eval_loss(self, batches: Batches) -> float:
         loss = self.engine.eval_batch(data_iter=self._micro(batches), return_logits=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import time
@@ -41,20 +43,19 @@ class Trainer:
         self.raw_configs, self.par = raw_configs, par
         self.steps = build_steps(cfg, par, eod)
         self.engine, self.scheduler = self.steps.engine, self.steps.scheduler
-        self.iteration = 0
+        self.iteration = self.consumed_samples = self.n_evals = self.skipped_steps = 0
         if cfg.checkpoint.load:
-            self.iteration = self._load()
+            self._load()
         self.metrics = MetricsWriter(cfg.logging, rank, config_to_dict(cfg), cfg.checkpoint.save)
-        self.n_evals = 0
         self.losses: list[float] = []  # per optimizer step, on every rank (DP-averaged)
         self.last_valid_loss: float | None = None
         self.last_checkpoint: Path | None = None
 
-    def _load(self) -> int:
+    def _load(self) -> None:
         ck, par = self.cfg.checkpoint, self.par
         tag = checkpoint.resolve_tag(ck)
         if tag is None:
-            return 0
+            return
         path = Path(ck.load) / tag
         saved = universal.saved_layout(path)
         current = (self.cfg.parallel.model_parallel_size, par.pp_size)
@@ -66,10 +67,29 @@ class Trainer:
             universal.load(path, self.engine, self.cfg, par, ck.finetune)
             iteration = 0 if ck.finetune else universal.saved_iteration(path)
             universal.restore_counters(self.engine, self.scheduler, iteration)
+        self.iteration = iteration
+        if iteration:  # not a finetune: continue the saved counters
+            state = _trainer_state(path)
+            g = self.cfg.derived.global_batch
+            # consumed_samples, not iteration x batch: a changed batch size resumes at the
+            # next unseen sample. Checkpoints older than the state file fall back to both.
+            self.consumed_samples = int(state.get("consumed_samples", iteration * g))
+            self.n_evals = int(state.get("n_evals", self._evals_before(iteration)))
+            self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.rank == 0:
             how = "" if saved in (None, current) else f" (resharded from TP x PP = {saved})"
-            log.info("resumed from %s at iteration %d%s", path, iteration, how)
-        return iteration
+            log.info(
+                "resumed from %s at iteration %d, sample %d, evaluation %d%s",
+                path,
+                iteration,
+                self.consumed_samples,
+                self.n_evals,
+                how,
+            )
+
+    def _evals_before(self, iteration: int) -> int:
+        every = self.cfg.logging.eval_interval
+        return iteration // every if every and self.data.valid is not None else 0
 
     def _batches(self, dataset: Any, consumed: int) -> Iterator[torch.Tensor]:
         d = self.cfg.derived
@@ -86,34 +106,40 @@ class Trainer:
 
     def run(self) -> list[float]:
         cfg, d = self.cfg, self.cfg.derived
-        batches = self._batches(self.data.train, self.iteration * d.global_batch)
-        tokens_per_step = d.global_batch * cfg.model.seq_length
-        run_start = window_start = time.perf_counter()
-        window_losses: list[float] = []
-        start_iter = self.iteration
         stop = cfg.training.train_iters
         if cfg.training.exit_interval:
             stop = min(stop, cfg.training.exit_interval)
+        self._check_train_samples(stop)
+        batches = self._batches(self.data.train, self.consumed_samples)
+        tokens_per_step = d.global_batch * cfg.model.seq_length
+        run_start = window_start = time.perf_counter()
+        window_losses: list[float] = []
+        start_iter, window_steps = self.iteration, 0
         while self.iteration < stop:
             lr = self.scheduler.get_last_lr()[0]
             loss, grad_norm = self.steps.train_step(batches)
             loss = _dp_mean(loss, self.device)
             self.iteration += 1
+            self.consumed_samples += d.global_batch
             self.losses.append(loss)
-            window_losses.append(loss)
+            window_steps += 1
+            if not self._nonfinite_step(loss, grad_norm):
+                window_losses.append(loss)
             self.metrics.scalars({"train/step_loss": loss}, self.iteration)
             if self.iteration % cfg.logging.log_interval == 0 or self.iteration == start_iter + 1:
                 now = time.perf_counter()
-                per_iter = (now - window_start) / len(window_losses)
+                per_iter = (now - window_start) / window_steps
                 values = {
-                    "train/loss": sum(window_losses) / len(window_losses),
+                    "train/loss": _mean(window_losses),
                     "train/lr": lr,
                     "train/grad_norm": grad_norm,
                     "train/tokens_per_s": tokens_per_step / per_iter,
                     "train/ms_per_iter": per_iter * 1000,
                 }
+                if cfg.training.skip_nonfinite_steps:
+                    values["train/skipped_steps"] = self.skipped_steps
                 self._log(values, per_iter * (cfg.training.train_iters - self.iteration))
-                window_start, window_losses = now, []
+                window_start, window_losses, window_steps = now, [], 0
             self._maybe_eval()
             self._maybe_save()
         check_replicas(self.engine.module, self.rank, self.par.dp_group)
@@ -122,6 +148,46 @@ class Trainer:
             steps = self.iteration - start_iter
             log.info(self._summary(steps, tokens_per_step, time.perf_counter() - run_start))
         return self.losses
+
+    def _nonfinite_step(self, loss: float, grad_norm: float | None) -> bool:
+        """The one non-finite guard, run at every step: True when this step was skipped
+        (skip_nonfinite_steps), else raise so the run stops before the next save or prune.
+        Loss and grad norm are the same on every rank (DP-mean; reduced gradients), so every
+        rank takes the same decision."""
+        bad = [
+            f"{name} {value}"
+            for name, value in (("loss", loss), ("grad norm", grad_norm))
+            if value is not None and not math.isfinite(value)
+        ]
+        if not bad:
+            return False
+        what = " and ".join(bad)
+        if getattr(self.steps, "skipped", False):
+            self.skipped_steps += 1
+            if self.rank == 0:
+                log.warning(
+                    "iteration %d: non-finite %s: step skipped, weights unchanged (%d skipped "
+                    "so far)",
+                    self.iteration,
+                    what,
+                    self.skipped_steps,
+                )
+            return True
+        raise NonFiniteError(
+            f"iteration {self.iteration}: non-finite {what}; stopping. Nothing of this step is "
+            f"saved and no checkpoint is pruned (last checkpoint: "
+            f"{self.last_checkpoint or 'none this run'}). Lower lr, enable gradient_clipping, "
+            "or set skip_nonfinite_steps: true to skip such steps."
+        )
+
+    def _check_train_samples(self, stop: int) -> None:
+        need = self.consumed_samples + (stop - self.iteration) * self.cfg.derived.global_batch
+        if need > len(self.data.train):
+            raise RuntimeError(
+                f"the training split holds {len(self.data.train)} samples, but continuing at "
+                f"sample {self.consumed_samples} for {stop - self.iteration} steps of "
+                f"{self.cfg.derived.global_batch} needs {need}"
+            )
 
     def _summary(self, steps: int, tokens_per_step: int, seconds: float) -> str:
         """The run's last line: what it reached, where it is saved, how long it took."""
@@ -170,7 +236,8 @@ class Trainer:
         last = it == self.cfg.training.train_iters
         if self.data.valid is None or not lg.eval_interval or (it % lg.eval_interval and not last):
             return
-        # Each evaluation reads the next validation samples, wrapping when the split runs out.
+        # Each evaluation reads the next validation samples, wrapping when the split runs out;
+        # n_evals is saved with checkpoints, so a resumed run evaluates the same samples.
         per_eval = lg.eval_iters * self.cfg.derived.global_batch
         slots = max(1, len(self.data.valid) // per_eval)
         offset = (self.n_evals % slots) * per_eval
@@ -188,7 +255,14 @@ class Trainer:
         last = it in (self.cfg.training.train_iters, self.cfg.training.exit_interval)
         if not ck.save or (it % ck.checkpoint_factor and not last):
             return
-        client = {"iteration": it, "consumed_samples": it * self.cfg.derived.global_batch}
+        self._check_finite_weights()
+        client = {
+            "iteration": it,
+            "consumed_samples": self.consumed_samples,
+            "n_evals": self.n_evals,
+            "skipped_steps": self.skipped_steps,
+            "run_shape": dataclasses.asdict(self.cfg.derived),  # preflight compares the vocab
+        }
         path = checkpoint.save(
             self.engine,
             ck,
@@ -205,6 +279,33 @@ class Trainer:
     def _save_universal(self, out: Path) -> None:
         universal.save(out, self.engine, self.cfg, self.par, self.iteration)
 
+    def _check_finite_weights(self) -> None:
+        """Belt and braces for the per-step guard: a checkpoint is never written from
+        non-finite weights (one pass over this rank's parameters, at save time only)."""
+        with torch.no_grad():
+            ok = all(bool(torch.isfinite(p).all()) for p in self.engine.module.parameters())
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() < 1:
+            raise NonFiniteError(
+                f"iteration {self.iteration}: the weights hold NaN/inf; refusing to save a "
+                f"checkpoint (last good one: {self.last_checkpoint or 'none this run'})"
+            )
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, grad norm or weight became NaN/inf: the run stops instead of saving it."""
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
+    """The counters saved beside the checkpoint as plain JSON ({} for older checkpoints)."""
+    state = path / checkpoint.TRAINER_STATE
+    return json.loads(state.read_text()) if state.is_file() else {}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
 
 def _dp_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
@@ -214,7 +315,7 @@ def _dp_mean(value: float, device: torch.device) -> float:
 
 def check_replicas(module: torch.nn.Module, rank: int, dp_group: object) -> None:
     """Data-parallel replicas must hold identical weights; a silent divergence is a bug."""
-    import deepspeed  # noqa: PLC0415
+    import deepspeed
 
     params = list(module.parameters())
     # Under ZeRO-3 each rank holds a shard: gather the full weights for the check (a no-op

@@ -1,0 +1,311 @@
+"""Pre-flight: everything that can be checked before the first step is checked here, once.
+
+`run_preflight(cfg, rank)` runs on every rank after `finalize` and before the datasets and the
+engine are built, and raises one `PreflightError` listing every problem found:
+
+- directories: save, load, data prefixes, data_cache_dir, tensorboard_dir, the wandb
+  directory and metrics_jsonl are created / probed with a real write, with the path and errno
+  in the message (an unwritable save directory would otherwise surface at the first
+  checkpoint, after checkpoint_factor steps of work);
+- free space on the save directory against an estimate of one checkpoint's size;
+- a fresh run into a save directory that already holds checkpoints (refused unless it resumes
+  from it, or overwrite_checkpoints says to delete them);
+- the checkpoint's own config.yml against this run's (architecture changes refused unless
+  finetune; batch and other differences listed in the log);
+- options that need a particular setup (skip_nonfinite_steps).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron.config.loader import config_to_dict
+from megatron.config.schema import Config
+from megatron.training import checkpoint
+from megatron.training.setup import build_model
+
+log = logging.getLogger("megatron")
+
+# Bytes on disk per parameter of one checkpoint, measured on configs/tiny.yml-style runs
+# (fp32, ZeRO 0, Adam; see docs/reliability.md): DeepSpeed's files hold the fp32 weights and
+# the two Adam moments (12 B), the layout-independent copy (universal/) the same again.
+BYTES_PER_PARAM = {"fp32": 24.5, "bfloat16": 14.5, "fp16": 14.5}
+FREE_SPACE_MARGIN = 1.2  # headroom over the estimate: DeepSpeed's pickles, configs, RNG files
+
+# Model keys that change the computed function or the parameter shapes. The others (dropout,
+# init of weights that are loaded anyway, fused-kernel switches) may change on a resume.
+_NOT_ARCHITECTURE = {
+    "attention_dropout",
+    "hidden_dropout",
+    "rope_fusion",
+    "layernorm_fusion",
+    "rmsnorm_fusion",
+    "init_method",
+    "output_layer_init_method",
+    "init_method_std",
+}
+# SepLLM keys that define the kept set (which keys each query attends to).
+_KEPT_SET_KEYS = (
+    "mode",
+    "separator_token_ids",
+    "init_tokens",
+    "local_window",
+    "local_window_per_layer",
+    "pad_token_id",
+    "batch_adaptive_init_pos",
+)
+_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+class PreflightError(RuntimeError):
+    """Something that would fail or lose work later, found before the first step."""
+
+
+def run_preflight(cfg: Config, rank: int) -> None:
+    """Every check on every rank (each sees its own file systems), then the overwrite."""
+    errors = option_errors(cfg) + directory_errors(cfg, rank)
+    errors += fresh_run_errors(cfg)
+    if not errors:
+        errors += resume_config_errors(cfg, log_differences=rank == 0)
+    if not errors:
+        errors += free_space_errors(cfg)
+    if errors:
+        listed = "\n  - ".join(errors)
+        raise PreflightError(f"pre-flight check failed before the first step:\n  - {listed}")
+    dist.barrier()  # every rank looked at `save` before rank 0 may clear it
+    if rank == 0:
+        clear_for_overwrite(cfg)
+    dist.barrier()
+
+
+def option_errors(cfg: Config) -> list[str]:
+    t = cfg.training
+    if not t.skip_nonfinite_steps:
+        return []
+    stage = t.zero_optimization.get("stage", 0)
+    if t.precision != "fp32" or stage != 0 or cfg.parallel.pipe_parallel_size > 1:
+        return [
+            "skip_nonfinite_steps needs precision fp32, zero_optimization.stage 0 and no "
+            f"pipeline (got {t.precision}, stage {stage}, pipe_parallel_size "
+            f"{cfg.parallel.pipe_parallel_size}): elsewhere the gradients live in partitions "
+            "the skip cannot clear"
+        ]
+    return []
+
+
+def _os_error(key: str, path: str | Path, exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno or 0, "")
+    where = exc.filename if exc.filename and str(exc.filename) != str(path) else ""
+    return (
+        f"{key} = {path}: {exc.strerror or exc}{f' ({code})' if code else ''}"
+        f"{f' at {where}' if where else ''}"
+    )
+
+
+def _probe_dir(key: str, path: str | Path, rank: int) -> str | None:
+    """Create `path` if needed and write + remove a file in it; None when that worked."""
+    probe = Path(path) / f".preflight-rank{rank}-{os.getpid()}"
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        return _os_error(key, path, exc)
+    return None
+
+
+def _probe_file(key: str, path: str, rank: int) -> str | None:
+    """A file the run appends to: its directory must be writable, the file appendable."""
+    target = Path(path)
+    err = _probe_dir(key, target.parent, rank)
+    if err:
+        return err
+    if target.is_dir():
+        return f"{key} = {path}: is a directory, not a file"
+    if target.exists() and not os.access(target, os.W_OK):
+        return f"{key} = {path}: exists and is not writable (EACCES)"
+    return None
+
+
+def _data_prefixes(cfg: Config) -> list[tuple[str, str]]:
+    d = cfg.data
+    out = [("data_path", d.data_path)] if d.data_path else []
+    for split in ("train", "valid", "test"):
+        out += [(f"{split}_data_paths", p) for p in getattr(d, f"{split}_data_paths")]
+    return out
+
+
+def directory_errors(cfg: Config, rank: int) -> list[str]:
+    ck, lg = cfg.checkpoint, cfg.logging
+    errors = []
+    for key, path in (
+        ("save", ck.save),
+        ("data_cache_dir", cfg.data.data_cache_dir),
+        ("tensorboard_dir", lg.tensorboard_dir),
+        ("wandb_dir", (lg.wandb_dir or ck.save or ".") if lg.use_wandb else None),
+    ):
+        err = path and _probe_dir(key, path, rank)
+        if err:
+            errors.append(err)
+    if lg.metrics_jsonl and rank == 0:  # only rank 0 writes it
+        err = _probe_file("metrics_jsonl", lg.metrics_jsonl, rank)
+        if err:
+            errors.append(err)
+    if ck.load and Path(ck.load).exists():
+        if not Path(ck.load).is_dir():
+            errors.append(f"load = {ck.load}: not a directory")
+        elif not os.access(ck.load, os.R_OK | os.X_OK):
+            errors.append(f"load = {ck.load}: not readable (EACCES)")
+    for key, prefix in _data_prefixes(cfg):
+        for suffix in (".bin", ".idx"):
+            path = f"{prefix}{suffix}"
+            if not os.path.isfile(path):
+                errors.append(f"{key}: {path} does not exist (ENOENT)")
+            elif not os.access(path, os.R_OK):
+                errors.append(f"{key}: {path} is not readable (EACCES)")
+    return errors
+
+
+def _resumes_from_save(cfg: Config) -> bool:
+    ck = cfg.checkpoint
+    if not (ck.save and ck.load) or ck.finetune:
+        return False
+    save, load = Path(ck.save), Path(ck.load)
+    return save.resolve() == load.resolve()
+
+
+def _existing(root: Path) -> list[str]:
+    names = [p.name for _, p, _ in checkpoint.checkpoint_dirs(root)]
+    return names + (["latest"] if (root / "latest").is_file() else [])
+
+
+def fresh_run_errors(cfg: Config) -> list[str]:
+    """A run that does not resume from `save` must not write over the checkpoints there."""
+    ck = cfg.checkpoint
+    if not ck.save or _resumes_from_save(cfg):
+        return []
+    found = _existing(Path(ck.save))
+    if not found:
+        return []
+    same = ck.load and Path(ck.load).resolve() == Path(ck.save).resolve()
+    if same:  # finetune from save: deleting the checkpoints would delete the source
+        return [
+            f"save = {ck.save} is also the finetune source (load); a finetune restarts at "
+            "iteration 0 and would write over it: give save a new directory"
+        ]
+    if ck.overwrite_checkpoints:
+        return []
+    latest = Path(ck.save) / "latest"
+    named = f", latest = {latest.read_text().strip()}" if latest.is_file() else ""
+    return [
+        f"save = {ck.save} already holds checkpoints ({len(found)} entries{named}) and this "
+        f"run does not resume from it (load = {ck.load}); training would overwrite them and "
+        "move `latest` back, mixing two runs. Resume with load: <the same directory>, use a "
+        "new save directory, or set overwrite_checkpoints: true to delete them first"
+    ]
+
+
+def clear_for_overwrite(cfg: Config) -> None:
+    ck = cfg.checkpoint
+    if not (ck.save and ck.overwrite_checkpoints) or _resumes_from_save(cfg):
+        return
+    root = Path(ck.save)
+    found = _existing(root)
+    if not found:
+        return
+    log.warning("overwrite_checkpoints: deleting %s from %s", " ".join(found), root)
+    (root / "latest").unlink(missing_ok=True)  # first: `latest` never names a deleted one
+    for _, path, _ in checkpoint.checkpoint_dirs(root):
+        shutil.rmtree(path)
+
+
+def _flat(tree: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    sections = ((s, keys) for s, keys in tree.items() if isinstance(keys, dict))
+    return {(s, k): v for s, keys in sections for k, v in keys.items()}
+
+
+def _change(section: str, key: str, old: Any, new: Any) -> str:
+    return f"{section}.{key}: {old!r} -> {new!r}"
+
+
+def _is_architecture(section: str, key: str) -> bool:
+    if section == "model":
+        return key not in _NOT_ARCHITECTURE
+    return section == "sepllm" and key in _KEPT_SET_KEYS
+
+
+def resume_config_errors(cfg: Config, log_differences: bool = True) -> list[str]:
+    """Compare the checkpoint's own config.yml (and saved run shape) with this run's."""
+    ck = cfg.checkpoint
+    tag = checkpoint.find_tag(ck) if ck.load else None
+    saved_file = Path(ck.load or "") / (tag or "") / "config.yml"
+    if tag is None or not saved_file.is_file():
+        return []
+    saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
+    now = _flat(config_to_dict(cfg))
+    diffs = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+    arch = [_change(s, k, a, b) for (s, k), (a, b) in diffs.items() if _is_architecture(s, k)]
+    shape = _saved_shape(saved_file.parent)
+    padded = cfg.derived.padded_vocab_size if cfg.derived else None
+    if shape.get("padded_vocab_size") not in (None, padded):
+        arch.append(f"padded vocabulary: {shape['padded_vocab_size']} -> {padded}")
+    if arch and not ck.finetune:
+        return [
+            f"the checkpoint {saved_file.parent} was trained with another architecture: "
+            + "; ".join(arch)
+            + ". Resuming would load its weights into a different model: restore these "
+            "values, or set finetune: true to start a new run from its weights"
+        ]
+    if log_differences:
+        _log_differences(saved_file.parent, diffs)
+    return []
+
+
+def _saved_shape(path: Path) -> dict[str, Any]:
+    state = path / checkpoint.TRAINER_STATE
+    if not state.is_file():
+        return {}
+    return json.loads(state.read_text()).get("run_shape", {})
+
+
+def _log_differences(path: Path, diffs: dict[tuple[str, str], tuple[Any, Any]]) -> None:
+    if not diffs:
+        return
+    batch = [k for (s, k) in diffs if s == "training" and k in _BATCH_KEYS]
+    if batch:
+        log.info(
+            "resume: batch changed (%s); data continues at the checkpoint's consumed_samples",
+            ", ".join(_change("training", k, *diffs[("training", k)]) for k in batch),
+        )
+    lines = [_change(s, k, a, b) for (s, k), (a, b) in diffs.items()]
+    log.info("resume: config differs from %s/config.yml: %s", path, "; ".join(lines))
+
+
+def estimate_checkpoint_bytes(cfg: Config) -> int:
+    # build_model seeds torch: fork the RNG so the run's random stream is untouched.
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        n = sum(p.numel() for p in build_model(cfg).parameters())
+    return int(n * BYTES_PER_PARAM[cfg.training.precision])
+
+
+def free_space_errors(cfg: Config) -> list[str]:
+    if not cfg.checkpoint.save:
+        return []
+    need = estimate_checkpoint_bytes(cfg) * FREE_SPACE_MARGIN
+    free = shutil.disk_usage(cfg.checkpoint.save).free
+    if free >= need:
+        return []
+    return [
+        f"save = {cfg.checkpoint.save}: {free / 2**20:,.1f} MiB free, but one checkpoint of "
+        f"this model needs about {need / 2**20:,.1f} MiB (ENOSPC at the first save)"
+    ]
