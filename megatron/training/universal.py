@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron.config.schema import Config
 from megatron.parallel.layers import Layout, param_layouts
 from megatron.parallel.topology import Parallelism
+from megatron.training import safe_load
 from megatron.training.pipeline import pipe_names
 from megatron.training.setup import build_model
 
@@ -147,7 +148,8 @@ def load(path: Path, engine: Any, cfg: Config, par: Parallelism, finetune: bool)
             f"resharding {path} restores Adam state for ZeRO stage 0 with fp32 only "
             f"({supported(cfg)} in this run); use finetune: true to load the weights only"
         )
-    full = torch.load(path / "universal" / "state.pt", weights_only=False)
+    state_file = path / "universal" / "state.pt"
+    full = safe_load.load_file(state_file, allow_unsafe=cfg.checkpoint.allow_unsafe_checkpoint_load)
     module, opt = engine.module, engine.optimizer
     names = _local_names(module, cfg, par.pp_size > 1)
     layouts = param_layouts(module)
@@ -158,11 +160,24 @@ def load(path: Path, engine: Any, cfg: Config, par: Parallelism, finetune: bool)
             if local not in names:  # every stage's copy of a tied weight has its name too
                 raise KeyError(f"no layout-independent source for parameter {local}")
             name = names[local]
+            if name not in full:
+                raise KeyError(f"{state_file} holds no parameter {name}")
             entry, layout = full[name], layouts[local]
-            p.copy_(layout.shard(entry["param"], rank, size))
+            p.copy_(_fit(layout.shard(entry["param"], rank, size), p, name, state_file))
             if finetune or "exp_avg" not in entry:
                 continue
             opt.state[p] = {
                 k: layout.shard(entry[k], rank, size).to(p.device).clone() for k in STATE_KEYS
             }
             opt.state[p]["step"] = torch.tensor(entry["step"])
+
+
+def _fit(saved: torch.Tensor, param: torch.Tensor, name: str, source: Path) -> torch.Tensor:
+    """`saved` if it fits `param`; else an error naming the parameter, both shapes and file
+    (copy_ would only say that the sizes do not match)."""
+    if saved.shape != param.shape:
+        raise ValueError(
+            f"parameter {name}: {source} holds shape {tuple(saved.shape)} for this rank, the "
+            f"model has {tuple(param.shape)}; the model section differs from the saved run's"
+        )
+    return saved
