@@ -81,14 +81,16 @@ def _read(path: str, map_location: Any, weights_only: bool) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as exc:
-        if not weights_only:
-            raise CheckpointLoadError(f"checkpoint file {path} is corrupted: {exc}") from exc
-        first = str(exc).strip().splitlines()
+        found = _reason(str(exc))
+        if not weights_only or "GLOBAL" not in found:
+            raise CheckpointLoadError(
+                f"checkpoint file {path} is corrupted or truncated and cannot be read: {found}"
+            ) from exc
         raise CheckpointLoadError(
             f"refused to load checkpoint file {path}: it holds objects outside the allowed "
-            f"tensor / number / allowlisted types, which could run code when unpickled "
-            f"({first[-1] if first else exc}). If it comes from a trusted older run, set "
-            f"{OPT_IN_KEY}: true in the checkpoint section (a warning is logged)."
+            f"tensors, numbers and allowlisted types, which could run code when unpickled "
+            f"({found}). If it comes from a trusted older run, set {OPT_IN_KEY}: true in the "
+            "checkpoint section (a warning is logged)."
         ) from exc
     except FileNotFoundError:
         raise
@@ -98,6 +100,15 @@ def _read(path: str, map_location: Any, weights_only: bool) -> Any:
             f"checkpoint file {path} ({size:,} bytes) is corrupted or truncated and cannot be "
             f"read: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
         ) from exc
+
+
+def _reason(message: str) -> str:
+    """The informative line of torch's weights_only error (the rest is generic advice)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or line.startswith("Unsupported"):
+            return line
+    return lines[-1] if lines else "unreadable pickle"
 
 
 def safe_checkpoint_engine(base: Any, allow_unsafe: bool) -> Any:
