@@ -176,12 +176,13 @@ def directory_errors(cfg: Config, rank: int) -> list[str]:
     return errors
 
 
-def _resumes_from_save(cfg: Config) -> bool:
+def _loads_from_save(cfg: Config) -> bool:
     ck = cfg.checkpoint
-    if not (ck.save and ck.load) or ck.finetune:
-        return False
-    save, load = Path(ck.save), Path(ck.load)
-    return save.resolve() == load.resolve()
+    return bool(ck.save and ck.load) and Path(ck.save).resolve() == Path(ck.load).resolve()
+
+
+def _resumes_from_save(cfg: Config) -> bool:
+    return _loads_from_save(cfg) and not cfg.checkpoint.finetune
 
 
 def _existing(root: Path) -> list[str]:
@@ -197,8 +198,7 @@ def fresh_run_errors(cfg: Config) -> list[str]:
     found = _existing(Path(ck.save))
     if not found:
         return []
-    same = ck.load and Path(ck.load).resolve() == Path(ck.save).resolve()
-    if same:  # finetune from save: deleting the checkpoints would delete the source
+    if _loads_from_save(cfg):  # a finetune: overwriting would delete its own source
         return [
             f"save = {ck.save} is also the finetune source (load); a finetune restarts at "
             "iteration 0 and would write over it: give save a new directory"
@@ -217,8 +217,8 @@ def fresh_run_errors(cfg: Config) -> list[str]:
 
 def clear_for_overwrite(cfg: Config) -> None:
     ck = cfg.checkpoint
-    if not (ck.save and ck.overwrite_checkpoints) or _resumes_from_save(cfg):
-        return
+    if not (ck.save and ck.overwrite_checkpoints) or _loads_from_save(cfg):
+        return  # never delete the checkpoint this run loads
     root = Path(ck.save)
     found = _existing(root)
     if not found:
