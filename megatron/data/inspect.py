@@ -19,7 +19,10 @@ def inspect_dataset(
     seed: int = 1234,
     max_tokens: int | None = None,
     scan: bool = False,
+    errors: list[str] | None = None,
 ) -> str:
+    """The summary text; problems found (`scan`: token ids the vocabulary cannot embed) are
+    also appended to `errors`, so a CLI can exit non-zero on them."""
     ds = MMapIndexedDataset(prefix)
     sizes = ds.sizes
     lines = [
@@ -42,6 +45,8 @@ def inspect_dataset(
     if scan and tok is not None:
         top = ds.max_token()
         status = "OK" if top < tok.vocab_size else "ERROR: exceeds the tokenizer vocabulary"
+        if top >= tok.vocab_size and errors is not None:
+            errors.append(f"{prefix}: max token id {top} >= tokenizer vocab {tok.vocab_size}")
         lines.append(f"max token id: {top} (tokenizer vocab {tok.vocab_size}) {status}")
     if doc is not None and tok is not None:
         if not 0 <= doc < len(ds):

@@ -169,6 +169,7 @@ def preprocess(
             _init_worker(*init)
             results = map(_encode, batches)
         _consume(results, inputs, builders, stats, strict, progress, start)
+        _refuse_empty(stats, inputs)  # before finalize: no empty dataset is left behind
         for b in builders.values():
             b.finalize()
     except BaseException:
@@ -182,6 +183,24 @@ def preprocess(
         s.seconds = time.perf_counter() - start
         log.info(s.summary())
     return stats
+
+
+def _refuse_empty(stats: dict[str, PreprocessStats], inputs: list[str]) -> None:
+    """A key that produced no documents is an error, not a 0-document dataset: an empty file,
+    a misspelled --jsonl-keys or a binary input would otherwise "succeed"."""
+    empty = [s for s in stats.values() if s.docs == 0]
+    if not empty:
+        return
+    parts = []
+    for s in empty:
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(s.skipped.items())) or "no lines read"
+        first = f"; first: {s.examples[0]}" if s.examples else ""
+        parts.append(f"{s.output_prefix}: 0 documents (skipped: {skipped}{first})")
+    raise DataError(
+        f"preprocessing {', '.join(inputs)} produced no documents, nothing written:\n  "
+        + "\n  ".join(parts)
+        + "\nCheck that the input is UTF-8 jsonl / txt and that --jsonl-keys names its text field."
+    )
 
 
 def _consume(

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=None, help="Decode at most this many.")
     p.add_argument("--scan", action="store_true", help="Full scan: max token id vs vocab.")
     a = p.parse_args(argv)
+    errors: list[str] = []
     print(
         inspect_dataset(
             a.prefix,
@@ -40,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
             a.seed,
             a.max_tokens,
             a.scan,
+            errors,
         )
     )
-    return 0
+    for e in errors:  # the scan found a problem: say so last, and exit non-zero
+        print(f"inspect_data.py: error: {e}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

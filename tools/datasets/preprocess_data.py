@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from megatron.data.indexed_dataset import DataError
 from megatron.data.preprocess import preprocess
 from megatron.data.tokenizers import TOKENIZER_TYPES
 
@@ -36,7 +37,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     a = parse_args(argv)
-    stats = preprocess(
+    try:
+        stats = run(a)
+    except DataError as exc:  # a clear message and a non-zero exit, no traceback
+        print(f"preprocess_data.py: error: {exc}", file=sys.stderr)
+        return 1
+    for s in stats.values():
+        print(s.summary())
+    return 0
+
+
+def run(a: argparse.Namespace) -> dict:
+    return preprocess(
         inputs=[s for s in a.input.split(",") if s],
         output_prefix=a.output_prefix,
         tokenizer_type=a.tokenizer_type,
@@ -50,9 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         strict=a.strict,
         progress=not a.no_progress,
     )
-    for s in stats.values():
-        print(s.summary())
-    return 0
 
 
 if __name__ == "__main__":
