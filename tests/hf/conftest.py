@@ -54,3 +54,12 @@ def train_tiny(tmp: Path, shakespeare: tuple[str, str], **kw: object) -> Path:
 def sepllm_ckpt(tmp_path_factory: pytest.TempPathFactory, shakespeare: tuple[str, str]) -> Path:
     tmp = tmp_path_factory.mktemp("sepllm_run")
     return train_tiny(tmp, shakespeare, **sepllm_overrides(shakespeare[1]))
+
+
+@pytest.fixture(scope="session")
+def exported(sepllm_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SepLLM checkpoint converted by the command line, as a user runs it."""
+    out = tmp_path_factory.mktemp("export") / "hf"
+    args = ["--input_dir", str(sepllm_ckpt), "--output_dir", str(out)]
+    run_cli(["tools/ckpts/convert_neox_to_hf.py", *args])
+    return out

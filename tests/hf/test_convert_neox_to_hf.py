@@ -20,27 +20,11 @@ from megatron.data.tokenizers import tokenizer_for_file
 from megatron.hf.configs import UnmappedOption
 from megatron.hf.export import PrecisionRefused
 from megatron.model.transformer import GPTModel
-from tests.conftest import run_cli
 
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n"
 )
-
-
-@pytest.fixture(scope="module")
-def exported(sepllm_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "hf"
-    run_cli(
-        [
-            "tools/ckpts/convert_neox_to_hf.py",
-            "--input_dir",
-            str(sepllm_ckpt),
-            "--output_dir",
-            str(out),
-        ]
-    )
-    return out
 
 
 def _ours_full(ckpt_dir: Path) -> tuple[GPTModel, object]:
