@@ -19,6 +19,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -204,16 +205,55 @@ def execute(plan: LaunchPlan) -> int:
     # The runner copies this process's environment to local ranks and exports PYTHON*
     # variables to remote ones; srun passes it on (--export=ALL is its default).
     os.environ.update(plan.env)
-    with materialized(plan) as argv:
+    with materialized(plan) as argv, forwarded_signals() as received:
         if plan.program == "srun":
-            return subprocess.call(argv)
-        from deepspeed.launcher.runner import main as ds_main
+            code = subprocess.call(argv)
+        else:
+            code = _run_deepspeed(argv)
+    # Interrupted: exit like the signal (128 + number) whatever the runner returned.
+    return 128 + received[0] if received else code
 
-        try:
-            ds_main(argv)
-        except SystemExit as exc:  # the runner exits with the failed rank's code
-            return exc.code if isinstance(exc.code, int) else 1
+
+def _run_deepspeed(argv: list[str]) -> int:
+    from deepspeed.launcher.runner import main as ds_main
+
+    try:
+        ds_main(argv)
+    except SystemExit as exc:  # the runner exits with the failed rank's code
+        return exc.code if isinstance(exc.code, int) else 1
     return 0
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def forwarded_signals() -> Iterator[list[int]]:
+    """Pass SIGTERM / SIGINT / SIGHUP on to the launcher's processes instead of dying.
+
+    DeepSpeed's local runner installs no handler, so a signal killed deepy.py and orphaned
+    its child (the per-node launcher) and the ranks, which went on training and writing
+    checkpoints. Here the signal is forwarded to every child of this process (the runner's
+    launcher, srun or mpirun, which stop their ranks) and deepy.py keeps waiting for them, so
+    it exits only when they have; the list yielded holds the signals received.
+    """
+    import psutil  # a DeepSpeed dependency
+
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        log.warning("deepy.py: %s received, passing it to the ranks", signal.Signals(signum).name)
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

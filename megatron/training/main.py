@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from megatron.config.loader import build_config, merge_sources
@@ -40,6 +44,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    previous = STOP.install()
+    try:
+        return _main(argv)
+    except Stopped as stop:
+        # Exit non-zero so `timeout`, schedulers and the launcher see an interrupted run.
+        log.error("rank stopped by %s; the last complete checkpoint is kept", stop)
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        raise SystemExit(128 + stop.signum) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _main(argv: list[str] | None) -> list[float]:
     tune_host_allocator()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     launched = launch_sources(args.config_file, args.config_env, args.config_b64)
@@ -62,4 +81,63 @@ def main(argv: list[str] | None = None) -> list[float]:
 
 
 def run(cfg: Config, raw: dict[str, str], rank: int, world: int, device: Any) -> list[float]:
-    return build_run(cfg, rank, world, device, raw).trainer.run()
+    trainer = build_run(cfg, rank, world, device, raw).trainer
+    _stop_between_steps(trainer, device)
+    try:
+        return trainer.run()
+    finally:
+        STOP.deferred = False  # after the loop a signal stops at once again
+
+
+class Stopped(BaseException):  # like KeyboardInterrupt: `except Exception` must not eat it
+    """A stop signal (SIGTERM, SIGINT) reached the ranks; they stopped between steps."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT handling on a rank.
+
+    Before training (and on a second signal) the handler stops at once. While the loop runs it
+    only records the signal: the ranks agree at the next step boundary (one all-reduce of a
+    flag per step, so all stop at the same iteration even if only one was signalled) and leave
+    between steps, never inside a step or a checkpoint save: `latest` names the last complete
+    checkpoint. The process then exits with 128 + the signal number.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.deferred = False
+
+    def install(self) -> dict[int, Any]:
+        """Install the handler; returns the previous handlers (main() restores them)."""
+        self.received, self.deferred = None, False
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread
+        return {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum: int, frame: Any) -> None:
+        first = self.received is None
+        self.received = signum
+        if not (self.deferred and first):
+            raise Stopped(signum)
+        log.warning("%s received: stopping after this step", signal.Signals(signum).name)
+
+
+STOP = _StopSignals()
+
+
+def _stop_between_steps(trainer: Any, device: Any) -> None:
+    steps, step = trainer.steps, trainer.steps.train_step
+
+    def guarded(batches: Any) -> Any:
+        flag = torch.tensor([0 if STOP.received is None else STOP.received], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag.item()):
+            raise Stopped(int(flag.item()))
+        return step(batches)
+
+    steps.train_step = guarded
+    STOP.deferred = True

@@ -1,0 +1,95 @@
+"""Reliability case 6: SIGTERM / SIGINT stop the run: deepy.py forwards the signal, the ranks
+stop between steps (never mid-save) and every process exits non-zero within a bound.
+
+Real short runs (tiny model, many iterations) signalled once training is under way.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from megatron.training.checksums import COMPLETE_NAME
+from tests.conftest import ROOT, write_config
+
+BOUND_S = 60  # DeepSpeed's launcher SIGKILLs ranks 30 s after its SIGTERM; ours stop sooner
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_training(proc: subprocess.Popen, lines: list[str], iteration: int = 3) -> None:
+    """Read output until rank 0 logs `iteration` (the loop is running, checkpoints exist)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if f"iter {iteration:>6}/" in line or f"iter {iteration}/" in line:
+            return
+    raise AssertionError("run ended before training started:\n" + "".join(lines[-60:]))
+
+
+def finish(proc: subprocess.Popen, lines: list[str]) -> tuple[int, str, float]:
+    start_s = time.monotonic()
+    out, _ = proc.communicate(timeout=BOUND_S + 30)
+    lines.append(out)
+    return proc.returncode, "".join(lines), time.monotonic() - start_s
+
+
+def long_run(tmp_path: Path, shakespeare) -> tuple[Path, Path]:
+    save = tmp_path / "ck"
+    cfg = write_config(
+        tmp_path,
+        shakespeare,
+        train_iters=100000,
+        checkpoint_factor=2,
+        eval_interval=0,
+        save=str(save),
+        keep_last_n_checkpoints=2,
+    )
+    return cfg, save
+
+
+def test_sigterm_to_deepy_stops_every_rank(tmp_path: Path, shakespeare) -> None:
+    cfg, save = long_run(tmp_path, shakespeare)
+    proc, lines = start(["deepy.py", "train.py", str(cfg), "--num-gpus", "1"]), []
+    wait_for_training(proc, lines)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    assert any("train.py" in " ".join(p.cmdline()) for p in tree), "no rank process found"
+    proc.send_signal(signal.SIGTERM)
+    code, out, took = finish(proc, lines)
+    assert code == 128 + signal.SIGTERM, out[-3000:]
+    assert took < BOUND_S, f"took {took:.0f}s"
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    assert "passing it to the ranks" in out and "stopping after this step" in out
+    tag = (save / "latest").read_text().strip()
+    assert (save / tag / COMPLETE_NAME).is_file()  # latest names a complete checkpoint
+
+
+def test_sigint_to_a_rank_stops_between_steps(tmp_path: Path, shakespeare) -> None:
+    cfg, save = long_run(tmp_path, shakespeare)
+    proc, lines = start(["train.py", str(cfg)]), []
+    wait_for_training(proc, lines)
+    proc.send_signal(signal.SIGINT)
+    code, out, took = finish(proc, lines)
+    assert code == 128 + signal.SIGINT, out[-3000:]
+    assert took < BOUND_S
+    assert "SIGINT received: stopping after this step" in out
+    assert "rank stopped by SIGINT" in out.strip().splitlines()[-1]
+    tag = (save / "latest").read_text().strip()
+    assert (save / tag / COMPLETE_NAME).is_file()
