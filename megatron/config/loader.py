@@ -71,6 +71,18 @@ def _neox_optimizer(value: Any) -> dict[str, Any]:
 def _neox_precision_flag(kind: str) -> Callable[[Any], dict[str, Any]]:
     def convert(value: Any) -> dict[str, Any]:
         enabled = value.get("enabled", False) if isinstance(value, dict) else bool(value)
+        # NeoX's loss-scaling sub-keys (loss_scale, initial_scale_power, hysteresis, ...) were
+        # dropped silently; a run must not quietly use other scaling than its config says.
+        extra = sorted(str(k) for k in value if k != "enabled") if isinstance(value, dict) else []
+        if extra:
+            name = "fp16" if kind == "fp16" else "bf16"
+            block = ", ".join(f"{k}: {value[k]!r}" for k in extra)
+            raise ValueError(
+                f"NeoX {name} sub-keys {', '.join(extra)} are not mapped (precision: {kind} uses "
+                "DeepSpeed's dynamic loss scaling, initial_scale_power 16); to set them, write "
+                f"`deepspeed_extra: {{{name}: {{enabled: true, {block}}}}}` with "
+                f"`precision: {kind}`, or remove them"
+            )
         return {"precision": kind} if enabled else {}
 
     return convert

@@ -135,6 +135,13 @@ def build_train_valid_test_datasets(
             docs = np.arange(bounds[i], bounds[i + 1], dtype=np.int64)
             if num_samples[i] <= 0:
                 continue
+            if len(docs) == 0 and name == "train":
+                # Training needs samples: stop here, not later on len(None) in the loop.
+                raise DataError(
+                    f"{cfg.data_path}: split {cfg.split!r} gives the train split no documents "
+                    f"(the dataset has {len(ds)}); give train a larger share in `split` "
+                    "(e.g. 969,30,1) or use a larger dataset"
+                )
             if len(docs) == 0:
                 log.warning(
                     "%s: split %r gets no documents from %s (%d documents, split %s)",
@@ -153,6 +160,10 @@ def build_train_valid_test_datasets(
     weights = (cfg.train_data_weights, cfg.valid_data_weights, cfg.test_data_weights)
     if not any(lists):
         raise DataError("no data: set data_path or train_data_paths (or prepare_data)")
+    if not lists[0] and num_samples[0] > 0:
+        raise DataError(
+            "valid/test_data_paths are set but train_data_paths is not: nothing to train on"
+        )
     for i, name in enumerate(SPLIT_NAMES):
         if lists[i] and num_samples[i] > 0:
             out[i] = _blend(

@@ -144,6 +144,15 @@ def prepare_data(cfg: Any, vocab_size: int = 8192) -> Any:
         raise ValueError(f"prepare_data {cfg.prepare_data!r}: only 'shakespeare' is bundled")
     if cfg.data_path and dataset_exists(cfg.data_path) and cfg.vocab_file:
         return cfg
+    missing = cfg.data_path and not dataset_exists(cfg.data_path)
+    if missing and os.path.basename(cfg.data_path) != PREFIX_NAME:
+        # A missing path that is not the bundled corpus's name is most likely a typo of the
+        # user's own dataset: refuse before writing a corpus into their directory.
+        raise ValueError(
+            f"data_path {cfg.data_path!r} does not exist (no .bin/.idx) and is not where "
+            f"prepare_data: shakespeare builds ({PREFIX_NAME!r} in a directory); fix the path, "
+            f"or set data_path to <dir>/{PREFIX_NAME} (or leave it unset) to build the corpus"
+        )
     root = os.path.dirname(cfg.data_path) if cfg.data_path else "data/shakespeare"
     prefix, tok = ensure_shakespeare(root or ".", vocab_size)
     cfg.data_path = cfg.data_path or prefix

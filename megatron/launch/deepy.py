@@ -186,6 +186,25 @@ def preflight(plan: LaunchPlan) -> None:
             raise ConfigError(f"{program} not found on PATH: {hint}")
 
 
+def check_master_port(plan: LaunchPlan, lc: LauncherConfig) -> None:
+    """When rank 0 starts on this host, its rendezvous port must be free here: a busy port
+    used to surface only after the corpus build, as a rank-side EADDRINUSE traceback."""
+    if plan.remote or plan.program != "deepspeed" or (lc.node_rank or 0) != 0:
+        return  # rank 0 (the rendezvous) runs on another host, or srun picks where
+    if lc.master_addr not in (None, "", "localhost", "127.0.0.1", socket.gethostname()):
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's TCPStore does
+        try:
+            s.bind(("", lc.master_port))
+        except OSError as exc:
+            raise ConfigError(
+                f"master_port {lc.master_port} is in use on this host ({exc.strerror}), "
+                "probably by another run; pick a free one with --master-port N or "
+                "`master_port: N`"
+            ) from exc
+
+
 @contextlib.contextmanager
 def materialized(plan: LaunchPlan) -> Iterator[list[str]]:
     """plan.argv with HOSTFILE replaced by a real file, removed after the launch."""
@@ -411,5 +430,6 @@ def _prepare(args: argparse.Namespace) -> tuple[LaunchPlan, Config, Sources, dic
     validate(cfg, plan.world_size or 1)
     if not (args.dry_run or args.print_config):
         preflight(plan)
+        check_master_port(plan, cfg.launcher)  # before the (slow) corpus build, not after
         prepare_bundled_data(cfg)  # once per node, before any rank starts
     return plan, cfg, sources, raw
