@@ -264,7 +264,8 @@ def resume_config_errors(cfg: Config, log_differences: bool = True) -> list[str]
             f"the checkpoint {saved_file.parent} was trained with another architecture: "
             + "; ".join(arch)
             + ". Resuming would load its weights into a different model: restore these "
-            "values, or set finetune: true to start a new run from its weights"
+            "values, train into a new directory (--set save=DIR --set load=DIR), or set "
+            "finetune: true to start a new run from its weights"
         ]
     if log_differences:
         _log_differences(saved_file.parent, diffs)
