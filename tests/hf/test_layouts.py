@@ -1,0 +1,88 @@
+"""Every layout the trainer writes converts, and gives the single-process run's HF logits.
+
+Real gloo processes through deepy.py (slow); the single-process reference is the shared
+SepLLM checkpoint of conftest.py, trained with the same model, data, seed and global batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from convert_neox_to_hf import convert, parse_args
+from neox_checkpoint import read_checkpoint
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from megatron.config.schema import SepLLMConfig
+from megatron.data.tokenizers import tokenizer_for_file
+from megatron.model.transformer import GPTModel
+from tests.conftest import run_cli, write_config
+from tests.hf.conftest import MODEL, sepllm_overrides
+
+DP2 = {"num_gpus": 2, "gradient_accumulation_steps": 1}  # same global batch as 1 x 2 x 2
+LAYOUTS = {
+    "tp2": {"model_parallel_size": 2, "num_gpus": 2},
+    "pp2": {"pipe_parallel_size": 2, "num_gpus": 2},
+    "dp2_zero2": {**DP2, "zero_optimization": {"stage": 2}},
+    "dp2_zero3": {**DP2, "zero_optimization": {"stage": 3}},
+}
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+
+
+def _train(tmp: Path, shakespeare: tuple[str, str], launcher: str, **kw: object) -> Path:
+    save = tmp / "ckpt"
+    cfg = write_config(
+        tmp, shakespeare, train_iters=2, checkpoint_factor=2, eval_interval=2, eval_iters=1,
+        save=str(save), **{**MODEL, **sepllm_overrides(shakespeare[1]), **kw},
+    )  # fmt: skip
+    run_cli([launcher, "train.py", str(cfg)] if launcher == "deepy.py" else ["train.py", str(cfg)])
+    return save
+
+
+def _export(ckpt: Path, out: Path) -> Path:
+    convert(parse_args(["--input_dir", str(ckpt), "--output_dir", str(out)]))
+    return out
+
+
+def _logits(folder: Path, tokenizer: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    ids = torch.tensor([tokenizer_for_file(tokenizer).tokenize(TEXT)[:48]])
+    with torch.no_grad():
+        return model.eval()(ids).logits.float()
+
+
+@pytest.fixture(scope="module")
+def reference(sepllm_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(sepllm_ckpt, tmp_path_factory.mktemp("ref") / "hf")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_parallel_layout_converts_to_the_same_model(
+    layout: str, reference: Path, shakespeare: tuple[str, str], tmp_path: Path
+) -> None:
+    ckpt = _train(tmp_path, shakespeare, "deepy.py", **LAYOUTS[layout])
+    got = _logits(_export(ckpt, tmp_path / "hf"), shakespeare[1])
+    want = _logits(reference, shakespeare[1])
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_bf16_checkpoint_converts_in_bf16(shakespeare: tuple[str, str], tmp_path: Path) -> None:
+    """bf16 with ZeRO 2 (the bf16 layout the trainer supports on CPU): exported in bf16, its
+    logits equal our model's on the same (bf16-rounded) weights."""
+    ckpt = _train(tmp_path, shakespeare, "train.py", precision="bfloat16",
+                  zero_optimization={"stage": 2})  # fmt: skip
+    folder = _export(ckpt, tmp_path / "hf")
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    ck = read_checkpoint(ckpt)
+    ours = GPTModel(ck.cfg.model, SepLLMConfig(), 1024).eval()
+    ours.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in ck.state.items()})
+    ids = torch.tensor([tokenizer_for_file(shakespeare[1]).tokenize(TEXT)[:48]])
+    with torch.no_grad():
+        want = ours(ids)
+    got = _logits(folder, shakespeare[1], torch.float32)
+    assert (got - want).abs().max().item() <= 1e-4
