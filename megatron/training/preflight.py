@@ -256,9 +256,7 @@ def resume_config_errors(cfg: Config, log_differences: bool = True) -> list[str]
     diffs = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
     arch = [_change(s, k, a, b) for (s, k), (a, b) in diffs.items() if _is_architecture(s, k)]
     shape = _saved_shape(saved_file.parent)
-    padded = cfg.derived.padded_vocab_size if cfg.derived else None
-    if shape.get("padded_vocab_size") not in (None, padded):
-        arch.append(f"padded vocabulary: {shape['padded_vocab_size']} -> {padded}")
+    arch += _vocab_changes(shape, cfg, same_tp=("parallel", "model_parallel_size") not in diffs)
     if arch and not ck.finetune:
         return [
             f"the checkpoint {saved_file.parent} was trained with another architecture: "
@@ -270,6 +268,18 @@ def resume_config_errors(cfg: Config, log_differences: bool = True) -> list[str]
     if log_differences:
         _log_differences(saved_file.parent, diffs)
     return []
+
+
+def _vocab_changes(shape: dict[str, Any], cfg: Config, same_tp: bool) -> list[str]:
+    """The tokenizer's vocabulary must match; the padded one too unless the tensor-parallel
+    degree changed (padding is to a multiple of TP; resharding handles that)."""
+    d, out = cfg.derived, []
+    keys = ("vocab_size", "padded_vocab_size") if same_tp else ("vocab_size",)
+    for key in keys:
+        old, new = shape.get(key), getattr(d, key, None)
+        if old is not None and old != new:
+            out.append(f"{key.replace('_', ' ')}: {old} -> {new}")
+    return out
 
 
 def _saved_shape(path: Path) -> dict[str, Any]:

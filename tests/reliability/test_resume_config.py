@@ -42,7 +42,8 @@ def fake_checkpoint(root: Path, vocab: int = 1024) -> Path:
     step.mkdir(parents=True)
     (step / COMPLETE).write_text("4")
     (step / "config.yml").write_text(yaml.safe_dump(config_to_dict(cfg(vocab))))
-    shape = {"padded_vocab_size": cfg(vocab).derived.padded_vocab_size}
+    d = cfg(vocab).derived
+    shape = {"vocab_size": d.vocab_size, "padded_vocab_size": d.padded_vocab_size}
     (step / TRAINER_STATE).write_text(json.dumps({"iteration": 4, "run_shape": shape}))
     (root / "latest").write_text("global_step4")
     return root
@@ -53,7 +54,7 @@ def fake_checkpoint(root: Path, vocab: int = 1024) -> Path:
     [
         ({"num_attention_heads": 8}, "model.num_attention_heads: 4 -> 8"),
         ({"sepllm": {"mode": "streamingllm"}}, "sepllm.mode: 'full' -> 'streamingllm'"),
-        ({"vocab": 2000}, "padded vocabulary: 1024 -> 2048"),
+        ({"vocab": 2000}, "vocab size: 1024 -> 2000; padded vocab size: 1024 -> 2048"),
     ],
 )
 def test_architecture_change_is_refused_unless_finetune(tmp_path: Path, change, shown) -> None:
