@@ -46,6 +46,8 @@ from megatron.launch import hosts, slurm
 
 log = logging.getLogger("megatron")
 
+# Where ranks report a fatal error (= main.ERRORS_ENV; launch must not import training).
+ERRORS_ENV = "PYTHON_SEPNEOX_ERRORS"
 HOSTFILE = "<hostfile>"  # stands for a hostfile deepy.py writes just before launching
 CONFIG_ARGS = "<config-args>"  # stands for train.py's --config-file / --config-env arguments
 
@@ -224,13 +226,32 @@ def execute(plan: LaunchPlan) -> int:
     # The runner copies this process's environment to local ranks and exports PYTHON*
     # variables to remote ones; srun passes it on (--export=ALL is its default).
     os.environ.update(plan.env)
-    with materialized(plan) as argv, forwarded_signals() as received:
-        if plan.program == "srun":
-            code = subprocess.call(argv)
-        else:
-            code = _run_deepspeed(argv)
+    with tempfile.TemporaryDirectory(prefix="deepy-errors-") as errors:
+        os.environ[ERRORS_ENV] = errors  # PYTHON*: exported to the ranks like the config
+        with materialized(plan) as argv, forwarded_signals() as received:
+            if plan.program == "srun":
+                code = subprocess.call(argv)
+            else:
+                code = _run_deepspeed(argv)
+        os.environ.pop(ERRORS_ENV, None)
+        if code and not received:
+            report_rank_errors(errors, code)
     # Interrupted: exit like the signal (128 + number) whatever the runner returned.
     return 128 + received[0] if received else code
+
+
+def report_rank_errors(directory: str, code: int) -> None:
+    """Repeat each failed rank's error last: the launcher logs its own lines (the rank
+    command, `exits with return code`) after the traceback, burying the real error."""
+    reports = sorted(os.listdir(directory))
+    lines = [f"deepy.py: training failed (exit {code})"]
+    for name in reports:
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+            text = f.read().strip().replace("\n", "\n    ")
+        lines.append(f"  {name.removesuffix('.txt')}: {text}")
+    if not reports:
+        lines.append("  (no rank reported an error: see the output above, e.g. a killed rank)")
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def _run_deepspeed(argv: list[str]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron.common.files import atomic_write_text
 from megatron.config.loader import build_config, merge_sources
 from megatron.config.schema import Config
 from megatron.config.sources import gather_sources, launch_sources
@@ -53,9 +55,28 @@ def main(argv: list[str] | None = None) -> list[float]:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
         raise SystemExit(128 + stop.signum) from None
+    except Exception as exc:
+        _report_error(exc)
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+ERRORS_ENV = "PYTHON_SEPNEOX_ERRORS"  # set by deepy.py: where ranks report a fatal error
+
+
+def _report_error(exc: Exception) -> None:
+    """Leave this rank's error where deepy.py reads it after the launch, so the real error is
+    the launch's last line (not the launcher's `exits with return code` lines after it)."""
+    directory = os.environ.get(ERRORS_ENV)
+    if not directory or not os.path.isdir(directory):
+        return
+    rank = os.environ.get("RANK", "0")
+    with contextlib.suppress(OSError):
+        atomic_write_text(
+            os.path.join(directory, f"rank{rank}.txt"), f"{type(exc).__name__}: {exc}"
+        )
 
 
 def _main(argv: list[str] | None) -> list[float]:
