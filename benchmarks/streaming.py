@@ -8,10 +8,13 @@ Model: random weights, 4 layers, hidden 256, 4 heads, partial rotary 0.25, vocab
 tiny.yml shape; weights do not change the timing). Stream: random ids, ~12% separators.
 Caches: SepCache a=4, s=32, w=224, c=324 (the paper's PG19 setting), sink a=4, c=324, full.
 Each (world, cache) runs in its own process, so its peak RSS is its own: the stream is
-prefilled in chunks of 256 (compressing after each), and at each size N the decode latency is
-the median of `--decode` single-token steps. The full cache stops at --full_max (32k by
-default: its prefill is quadratic, 64k would take about a quarter of an hour on this CPU).
-`mem` is the process's peak RSS so far (CUDA: allocator peak) and `cache_mb` the bytes the
+prefilled in chunks of 256 (compressing after each) and the cache copied at each size N;
+then single-token decode steps are timed round-robin over the copies (so the shared
+machine's changing load hits every size alike): median and minimum of `--decode` steps.
+The full cache stops at --full_max (32k by default: its prefill is quadratic, 64k would take
+about a quarter of an hour on this CPU).
+`mem` is the process's peak RSS when the stream reached N (CUDA: allocator peak; it includes
+the smaller sizes' copies, which matter only for the full cache) and `cache_mb` the bytes the
 cache's tensors hold. Then transformers'
 `generate` at an 8k context: per-token time = (t(8k prompt + M new) - t(8k prompt + 1)) /
 (M - 1), against our loop's per-token time at 8k on the same model (SepCache and full).
@@ -20,6 +23,7 @@ cache's tensors hold. Then transformers'
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -105,37 +109,41 @@ def sync(device: torch.device) -> None:
 def run_one(
     world: str, kind: str, sizes: list[int], decode: int, device: torch.device
 ) -> list[dict]:
-    """Stream up to max(sizes), measuring decode latency at each size (one process)."""
+    """Stream up to max(sizes), snapshotting the cache at each size; then time decode steps
+    round-robin over the snapshots, so a change in the shared machine's load hits every size
+    alike (one process per world and cache)."""
     model = build(world, device)
     step = step_fn(world, model)
     cache = new_cache(world, model, kind)
     stream = cache if isinstance(cache, StreamCache) else cache.stream
-    ids = stream_ids(max(sizes) + decode * len(sizes) + 1, device)
-    pos, rows = 0, []
+    ids = stream_ids(max(sizes) + decode + 1, device)
+    pos, rows, snaps = 0, [], {}
     for size in sorted(sizes):
         for start, end in chunks(stream, size - pos, PREFILL_CHUNK, exact=False):
             step(cache, ids[:, pos + start : pos + end])
         pos = size
-        times = []
-        for _ in range(decode):
-            sync(device)
-            t0 = time.perf_counter()
-            step(cache, ids[:, pos : pos + 1])
-            sync(device)
-            times.append(time.perf_counter() - t0)
-            pos += 1
         rows.append(
             {
                 "world": world,
                 "cache": kind,
                 "tokens": size,
-                "ms": 1000 * statistics.median(times),
-                "min_ms": 1000 * min(times),
-                "mem_mb": peak_memory_bytes(device) / 2**20,
+                "mem_mb": peak_memory_bytes(device) / 2**20,  # before this size's snapshot
                 "cache_mb": cache_bytes(stream) / 2**20,
                 "length": max(lay.length for lay in stream.layers),
             }
         )
+        snaps[size] = copy.deepcopy(cache)
+    times: dict[int, list[float]] = {size: [] for size in snaps}
+    for k in range(decode):
+        for size, snap in snaps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step(snap, ids[:, size + k : size + k + 1])
+            sync(device)
+            times[size].append(time.perf_counter() - t0)
+    for row in rows:
+        row["ms"] = 1000 * statistics.median(times[row["tokens"]])
+        row["min_ms"] = 1000 * min(times[row["tokens"]])
     return rows
 
 
