@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from convert_hf_to_neox import convert, parse_args
+from neox_checkpoint import read_checkpoint
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 import megatron.hf.sepllm_attention  # noqa: F401  (registers "sepllm")
@@ -101,3 +102,15 @@ def test_unmapped_transformers_option_is_refused_and_writes_nothing(tmp_path: Pa
             parse_args(["--input_dir", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "n")])
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_round_trip_ours_to_hf_to_ours_is_identical(
+    sepllm_ckpt: Path, exported: Path, tmp_path: Path
+) -> None:
+    """Our checkpoint -> convert_neox_to_hf -> convert_hf_to_neox: the trained tensors."""
+    out = convert(parse_args(["--input_dir", str(exported), "--output_dir", str(tmp_path / "n")]))
+    state = torch.load(out / "global_step0" / "universal" / "state.pt", weights_only=False)
+    original = read_checkpoint(sepllm_ckpt).state
+    assert set(state) == set(original)
+    for k, v in original.items():
+        assert torch.equal(state[k]["param"], v), k
