@@ -19,13 +19,13 @@ class MetricsWriter:
         if not self.enabled:
             return
         if cfg.metrics_jsonl:
-            self.jsonl = open(cfg.metrics_jsonl, "a")  # noqa: SIM115 - closed in close()
+            self.jsonl = open(cfg.metrics_jsonl, "a")  # closed in close()
         if cfg.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+            from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(cfg.tensorboard_dir)
         if cfg.use_wandb:
-            import wandb  # noqa: PLC0415
+            import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(
