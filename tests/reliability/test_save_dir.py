@@ -74,3 +74,12 @@ def test_second_fresh_run_stops_before_training_and_keeps_latest(
     assert "iter      1/1" not in str(exc.value)
     assert (tmp_path / "ck" / "latest").read_text() == "global_step2"
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["global_step2", "latest"]
+
+
+def test_rerunning_the_main_job_resumes_instead_of_being_refused() -> None:
+    from megatron.config import load_config
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for name in ("tiny.yml", "tiny_llama.yml"):
+        ck = load_config([root / name]).checkpoint
+        assert ck.load == ck.save and ck.allow_fresh_start, name
