@@ -73,3 +73,20 @@ def test_hf_needs_the_ids_and_uniform_sizes() -> None:
     mixed = StreamCache(make_policies("sep", 2, A, S, W, [C, C + 1]), SEPS, True, hf_rotary(hf))
     with pytest.raises(ValueError, match="same cache sizes"):
         StreamingCache(mixed)
+
+
+def test_hf_left_padded_rows_equal_single_rows() -> None:
+    hf = hf_twin(build(LLAMA))
+    a, b = stream_ids(30, seed=7), stream_ids(26, seed=8)
+    batch = torch.stack([a, torch.cat([torch.zeros(4, dtype=torch.long), b])])
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    cache = new_hf_cache(hf, "sep", True)
+    first = hf_step(hf, cache, batch[:, :10], mask[:, :10])
+    rest = [hf_step(hf, cache, batch[:, t : t + 1]) for t in range(10, 30)]
+    got = torch.cat([first, *rest], 1)
+    for row, ids, pad in ((0, a, 0), (1, b, 4)):
+        single = new_hf_cache(hf, "sep", True)
+        ref = [hf_step(hf, single, ids[None, : 10 - pad])]
+        ref += [hf_step(hf, single, ids[None, t : t + 1]) for t in range(10 - pad, len(ids))]
+        torch.testing.assert_close(got[row, pad:], torch.cat(ref, 1)[0], atol=1e-4, rtol=0)
