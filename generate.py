@@ -4,7 +4,7 @@
     python generate.py --model_name_or_path hf_folder --sample_input_file prompts.txt \
         --sample_output_file out.jsonl --enable_kv_cache_manager --enable_SepLLM --enable_pos_shift
     python generate.py --model_name_or_path checkpoints/tiny --text_gen_type interactive
-    python generate.py configs/tiny.yml configs/text_generation.yaml        # NeoX style
+    python generate.py configs/tiny.yml configs/text_generation.yml        # NeoX style
 
 NeoX style: the YAMLs hold the model config (its `load`, else `save`, is the checkpoint) and
 the generation keys `text_gen_type: unconditional | input-file | interactive`,

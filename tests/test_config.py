@@ -205,7 +205,8 @@ def test_reference_doc_is_current() -> None:
 def test_shipped_configs_load_and_validate() -> None:
     """Full configs validate alone; overlays (no model section) validate on top of tiny.yml."""
     root = Path(__file__).resolve().parent.parent / "configs"
-    files = sorted(root.glob("*.yml"))
+    # text_generation.yml holds generate.py's settings, not a training config.
+    files = sorted(p for p in root.glob("*.yml") if not p.name.startswith("text_generation"))
     assert len(files) >= 2
     for path in files:
         standalone = "num_layers" in path.read_text()

@@ -414,9 +414,19 @@ def library_output_to_stderr() -> Iterator[None]:
             h.setStream(stream)
 
 
+# Inference entry points run in one process and read their own YAML keys (generation settings
+# are not training config), so deepy.py hands them the files unchanged, as NeoX users call them:
+# `python deepy.py generate.py model.yml text_generation.yml`.
+SINGLE_PROCESS_SCRIPTS = ("generate.py",)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and os.path.basename(argv[0]) in SINGLE_PROCESS_SCRIPTS:
+        log.info("%s runs in one process: python %s", argv[0], " ".join(argv))
+        return subprocess.call([sys.executable, *argv])
+    args = parse_args(argv)
     try:
         with library_output_to_stderr():
             plan, cfg, sources, raw = _prepare(args)

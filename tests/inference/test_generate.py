@@ -12,6 +12,7 @@ import torch
 from megatron.inference.caches import make_policies
 from megatron.inference.loading import load_model
 from megatron.inference.sampling import Sampling, generate, sample
+from tests.conftest import run_cli
 from tests.inference.fixtures import write_checkpoint, write_hf_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +66,27 @@ def test_input_file_and_neox_yaml(
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["context"] for r in lines] == ["To be", "Whether"] and lines == results
     assert lines[0]["text"] in capsys.readouterr().out  # streamed to stdout as produced
+
+
+def test_deepy_hands_generate_its_yaml_files(models: dict[str, Path], tmp_path: Path) -> None:
+    """NeoX users run `python deepy.py generate.py model.yml text_generation.yml`: the launcher
+    passes the files to generate.py unchanged (generation keys are not training keys)."""
+    model_yml = tmp_path / "model.yml"
+    model_yml.write_text(f"load: {models['ours']}\n")
+    gen_yml = tmp_path / "text_generation.yml"
+    out = tmp_path / "out.jsonl"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("To be\n")
+    gen_yml.write_text(
+        f"text_gen_type: input-file\nsample_input_file: {prompts}\nsample_output_file: {out}\n"
+        "maximum_tokens: 6\ntemperature: 0.0\n"
+    )
+    args = ["deepy.py", "generate.py", str(model_yml), str(gen_yml)]
+    run_cli(args)
+    launched = [json.loads(x) for x in out.read_text().splitlines()]
+    out.unlink()
+    direct = generate_cli.main([str(model_yml), str(gen_yml)])
+    assert launched == direct and len(launched) == 1 and launched[0]["text"]
 
 
 def test_bad_inputs_fail_before_loading(tmp_path: Path) -> None:
