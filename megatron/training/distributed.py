@@ -9,6 +9,7 @@ import socket
 import torch
 
 from megatron.config.schema import LauncherConfig
+from megatron.launch.environment import map_scheduler_env
 
 log = logging.getLogger("megatron")
 
@@ -26,9 +27,7 @@ def init_distributed(launcher: LauncherConfig | None = None) -> tuple[int, int, 
     variables (megatron/launch/environment.py); `launcher` gives master_port, master_addr and
     rank_source for the latter.
     """
-    import deepspeed  # noqa: PLC0415 - heavy import, only when training
-
-    from megatron.launch.environment import map_scheduler_env  # noqa: PLC0415
+    import deepspeed  # heavy: imported only when a process group is made
 
     source = map_scheduler_env(os.environ, launcher)
     if source in ("slurm", "mpi") and os.environ["RANK"] == "0":
@@ -65,7 +64,7 @@ def _skip_shm_comm_op() -> None:
     /dev/shm/deepspeed_allreduce_buffer_* behind per rendezvous port (tens of GB after many
     runs). DeepSpeed consults `deepspeed.ops.__compatible_ops__` before loading it.
     """
-    import deepspeed.ops  # noqa: PLC0415
+    import deepspeed.ops  # heavy, as above
 
     compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
     if isinstance(compatible, dict):
