@@ -13,9 +13,14 @@ kernels treat them. Training batches only: the kept set must have the aligned la
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from megatron.sepllm.config import SepLLMConfig
 from megatron.sepllm.info import KeptSet
+
+log = logging.getLogger("megatron")
 
 
 def _extra_positions(kept: KeptSet, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,3 +69,32 @@ def kept_stats(kept: KeptSet, windows: list[int], seq_len: int) -> dict[str, flo
         out["kv_ratio/mean"] = kv_sum / len(windows)
         out["density/mean"] = dens_sum / len(windows)
     return out
+
+
+class SeparatorWatch:
+    """Warns when a SepLLM batch holds no separator at all: its kept set is then exactly
+    StreamingLLM's, and a whole run of such batches usually means separator ids from another
+    tokenizer. Checks the token ids on the host, where the loader produces them."""
+
+    def __init__(self, cfg: SepLLMConfig, report: bool = True) -> None:
+        ids = sorted(set(cfg.separator_token_ids)) if cfg.mode == "sepllm" else []
+        self.table = torch.tensor(ids, dtype=torch.long) if ids else None
+        self.report = report  # only one rank of a run needs to say it
+        self.batches = self.without = 0
+
+    def check(self, tokens: torch.Tensor) -> None:  # [B, S+1] ids
+        if self.table is None:
+            return
+        self.batches += 1
+        if torch.isin(tokens, self.table.to(tokens.device)).any():
+            return
+        self.without += 1
+        if self.report and (self.without == 1 or self.without % 100 == 0):
+            log.warning(
+                "sepllm: %d of %d batches so far hold none of the separator ids %s, so they "
+                "train as StreamingLLM; check separator_token_ids against the tokenizer "
+                "(tools/sepllm/separator_ids.py)",
+                self.without,
+                self.batches,
+                self.table.tolist(),
+            )

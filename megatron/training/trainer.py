@@ -18,7 +18,7 @@ from megatron.config.loader import config_to_dict
 from megatron.config.schema import Config
 from megatron.parallel.topology import Parallelism
 from megatron.sepllm.info import build_kept_set
-from megatron.sepllm.stats import kept_stats
+from megatron.sepllm.stats import SeparatorWatch, kept_stats
 from megatron.training import checkpoint, universal
 from megatron.training.batches import make_loader
 from megatron.training.metrics import MetricsWriter, format_line
@@ -50,6 +50,7 @@ class Trainer:
         self.losses: list[float] = []  # per optimizer step, on every rank (DP-averaged)
         self.last_valid_loss: float | None = None
         self.last_checkpoint: Path | None = None
+        self.separator_watch = SeparatorWatch(cfg.sepllm, report=rank == 0)
 
     def _load(self) -> None:
         ck, par = self.cfg.checkpoint, self.par
@@ -102,6 +103,7 @@ class Trainer:
             self.cfg.data.num_workers,
         )
         for tokens in loader:
+            self.separator_watch.check(tokens)
             yield tokens.to(self.device, non_blocking=True)
 
     def run(self) -> list[float]:
