@@ -62,13 +62,14 @@ def describe_allowed(f: dataclasses.Field, annotation: Any) -> str:
     return describe_range(f.metadata) or ""
 
 
-def field_error(f: dataclasses.Field, value: Any, annotation: Any) -> str | None:
-    allowed = literal_values(annotation)
-    if allowed is not None:
-        if value in allowed:
-            return None
-        shown = ", ".join(str(a) for a in allowed if a is not None)
-        return f"{f.name} = {value!r}: must be one of {shown}"
+def _choice_error(f: dataclasses.Field, value: Any, allowed: tuple[Any, ...]) -> str | None:
+    if value in allowed:
+        return None
+    shown = ", ".join(str(a) for a in allowed if a is not None)
+    return f"{f.name} = {value!r}: must be one of {shown}"
+
+
+def _range_error(f: dataclasses.Field, value: Any) -> str | None:
     rng = describe_range(f.metadata)
     if rng is None or value is None or isinstance(value, bool):
         return None
@@ -77,21 +78,21 @@ def field_error(f: dataclasses.Field, value: Any, annotation: Any) -> str | None
     return None
 
 
-def has_range_error(section: Any) -> bool:
-    """Whether a numeric field is out of range (cross-field arithmetic must then be skipped)."""
+def section_errors(section: Any) -> tuple[list[str], list[str]]:
+    """(enumeration errors, range errors) of a dataclass instance's fields. Range errors are
+    kept apart: cross-field arithmetic over such a section must be skipped."""
     hints = typing.get_type_hints(type(section))
-    return any(
-        literal_values(hints[f.name]) is None and field_error(f, getattr(section, f.name), None)
-        for f in dataclasses.fields(section)
-    )
+    choices, ranges = [], []
+    for f in dataclasses.fields(section):
+        value, allowed = getattr(section, f.name), literal_values(hints[f.name])
+        if allowed is not None:
+            choices.append(_choice_error(f, value, allowed))
+        else:
+            ranges.append(_range_error(f, value))
+    return [e for e in choices if e], [e for e in ranges if e]
 
 
 def field_errors(section: Any) -> list[str]:
     """Messages for every field of a dataclass instance outside its enumeration or range."""
-    hints = typing.get_type_hints(type(section))
-    errors = []
-    for f in dataclasses.fields(section):
-        err = field_error(f, getattr(section, f.name), hints[f.name])
-        if err:
-            errors.append(err)
-    return errors
+    choices, ranges = section_errors(section)
+    return choices + ranges

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from megatron.config.checks import field_errors, has_range_error
+from megatron.config.checks import section_errors
 from megatron.config.launcher import validate_launcher
 from megatron.config.loader import ConfigError
 from megatron.config.schema import SECTIONS, Config, ModelConfig, RunShape, TrainingConfig
@@ -82,8 +82,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     errors: list[str] = []
     bad = set()  # sections with a field out of range: their cross-field checks are skipped
     for section in SECTIONS:
-        errors += field_errors(getattr(cfg, section))
-        bad |= {section} if has_range_error(getattr(cfg, section)) else set()
+        choices, ranges = section_errors(getattr(cfg, section))
+        errors += choices + ranges
+        bad |= {section} if ranges else set()
     if "model" not in bad:
         validate_model(cfg.model, errors)
     if cfg.schedule.min_lr > cfg.optimizer.lr:
