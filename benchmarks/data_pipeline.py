@@ -97,25 +97,19 @@ def _run_with_peak(
     return wall, int(peak[0][0]), int(peak[0][1])
 
 
+def _same_flags(inp: str, out: str, tok: str, workers: int) -> list[str]:
+    """The preprocessing flags ours and GPT-NeoX's preprocess_data.py both take."""
+    return [
+        "--input", inp, "--output-prefix", out, "--tokenizer-type", "HFTokenizer",
+        "--vocab-file", tok, "--append-eod", "--workers", str(workers),
+    ]  # fmt: skip
+
+
 def run_preprocess(inp: str, out: str, tok: str, workers: int) -> dict:
     """One CLI run in a child process; peak RSS = largest RSS of any descendant process."""
     script = os.path.join(REPO, "tools/datasets/preprocess_data.py")
     wall, main_kib, worker_kib = _run_with_peak(
-        [
-            script,
-            "--input",
-            inp,
-            "--output-prefix",
-            out,
-            "--tokenizer-type",
-            "HFTokenizer",
-            "--vocab-file",
-            tok,
-            "--append-eod",
-            "--workers",
-            str(workers),
-            "--no-progress",
-        ],  # fmt: skip
+        [script, *_same_flags(inp, out, tok, workers), "--no-progress"],
         cwd=REPO,
     )
     prefix = out + "_text_document"
@@ -150,22 +144,7 @@ def run_neox(checkout: str, inp: str, out: str, tok: str, workers: int) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.dirname(script)))
     env = {**os.environ, "PYTHONPATH": root}
     wall, main_kib, worker_kib = _run_with_peak(
-        [
-            script,
-            "--input",
-            inp,
-            "--output-prefix",
-            out,
-            "--tokenizer-type",
-            "HFTokenizer",
-            "--vocab-file",
-            tok,
-            "--append-eod",
-            "--workers",
-            str(workers),
-            "--log-interval",
-            "1000000000",
-        ],  # fmt: skip
+        [script, *_same_flags(inp, out, tok, workers), "--log-interval", "1000000000"],
         cwd=root,
         env=env,
     )
