@@ -4,12 +4,13 @@ and flex kernels' internal re-dispatch (so moving it into one function changed n
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 from typing import Any
 
 import pytest
 
-from megatron.sepllm import validate
+from megatron.sepllm import kernels, validate
 from megatron.sepllm.kernels import KERNELS, select_kernel
 
 BASE: dict[str, Any] = dict(
@@ -23,6 +24,7 @@ BASE: dict[str, Any] = dict(
     flex_available=True,
     mode="sepllm",
     aligned=True,
+    triton_available=False,
 )
 
 # (case id, changes to BASE, expected kernel name)
@@ -117,6 +119,48 @@ TABLE: list[tuple[str, dict[str, Any], str]] = [
         dict(requested="compact", q_len=4096, kv_len=4096, window=1024),
         "dense",
     ),
+    # triton requested (where it can run: CUDA, or CPU under TRITON_INTERPRET=1)
+    ("triton cuda", dict(requested="triton", device_type="cuda", triton_available=True), "triton"),
+    (
+        "triton cuda S <= 4w stays triton",
+        dict(requested="triton", device_type="cuda", window=256, triton_available=True),
+        "triton",
+    ),
+    (
+        "triton cuda head dim 8",
+        dict(requested="triton", device_type="cuda", head_dim=8, triton_available=True),
+        "triton",
+    ),
+    (
+        "triton dropout -> dense",
+        dict(requested="triton", device_type="cuda", dropout_p=0.1, triton_available=True),
+        "dense",
+    ),
+    (
+        "triton head dim 512 -> compact",
+        dict(requested="triton", device_type="cuda", head_dim=512, triton_available=True),
+        "compact",
+    ),
+    (
+        "triton decode -> dense",
+        dict(requested="triton", device_type="cuda", q_len=1, aligned=False, triton_available=True),
+        "dense",
+    ),
+    ("triton full mode", dict(requested="triton", mode="full"), "causal"),
+    ("triton window covers S", dict(requested="triton", window=2048), "causal"),
+    ("triton cpu interpreter", dict(requested="triton", triton_available=True), "triton"),
+    # auto never picks triton while AUTO_CUDA_TRITON_MIN_SEQ is None (unmeasured)
+    (
+        "auto cuda S=16384, triton runnable",
+        dict(device_type="cuda", q_len=16384, kv_len=16384, triton_available=True),
+        "compact",
+    ),
+    ("auto cuda S=4096, triton runnable", dict(device_type="cuda", triton_available=True), "flex"),
+    (
+        "auto cpu interpreter S=8192",
+        dict(q_len=8192, kv_len=8192, triton_available=True),
+        "compact",
+    ),
     ("compact window 0 (the kernel rejects it)", dict(requested="compact", window=0), "compact"),
     (
         "compact short S on cpu",
@@ -137,6 +181,17 @@ ERRORS: list[tuple[str, dict[str, Any], str]] = [
     ("unknown name", dict(requested="nope"), "unknown attention kernel 'nope'"),
     ("flex not importable", dict(requested="flex", flex_available=False), "needs torch.nn"),
     ("aligned with q_len != kv_len", dict(q_len=1), "aligned kept set has q_len == kv_len"),
+    ("triton on cpu", dict(requested="triton"), "'triton' cannot run on 'cpu'"),
+    (
+        "triton on cuda without the package",
+        dict(requested="triton", device_type="cuda"),
+        "'triton' cannot run on 'cuda'",
+    ),
+    (
+        "triton decode step where it cannot run",
+        dict(requested="triton", q_len=1, aligned=False),
+        "'triton' cannot run",
+    ),
 ]
 
 
@@ -211,4 +266,75 @@ def test_training_choices_match_the_previous_selection() -> None:
 
 def test_validate_takes_the_kernel_names_from_the_registry() -> None:
     assert set(validate.KERNEL_CHOICES) == {"auto", *KERNELS}
-    assert {"causal", "dense", "compact", "flex"} <= set(KERNELS)  # flex registered lazily
+    # flex and triton are registered lazily (their modules import on first use)
+    assert {"causal", "dense", "compact", "flex", "triton"} <= set(KERNELS)
+
+
+def test_auto_cuda_triton_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once AUTO_CUDA_TRITON_MIN_SEQ is set (from a measurement), auto picks triton on CUDA
+    from that length on, only where it can run, never with dropout or too large heads."""
+    monkeypatch.setattr(kernels, "AUTO_CUDA_TRITON_MIN_SEQ", 4096)
+    cuda = {**BASE, "device_type": "cuda", "triton_available": True}
+
+    def pick(**changes: Any) -> str:
+        args = {**cuda, **changes}
+        return select_kernel(args.pop("requested"), **args)
+
+    assert pick(q_len=4096, kv_len=4096) == "triton"
+    assert pick(q_len=16384, kv_len=16384) == "triton"
+    assert pick(q_len=4095, kv_len=4095) == "flex"  # below the gate: the measured rules
+    assert pick(q_len=4096, kv_len=4096, triton_available=False) == "flex"
+    assert pick(q_len=8192, kv_len=8192, triton_available=False) == "compact"
+    assert pick(q_len=8192, kv_len=8192, dropout_p=0.1) == "dense"
+    assert pick(q_len=8192, kv_len=8192, head_dim=512) == "compact"
+    assert pick(q_len=8192, kv_len=8192, device_type="cpu") == "compact"
+    assert pick(q_len=1, kv_len=8192, aligned=False) == "dense"  # decode steps
+
+
+def test_triton_never_picked_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "AUTO_CUDA_TRITON_MIN_SEQ", 1)  # auto would take it anywhere
+    grid = itertools.product(
+        ["auto", "compact", "flex", "dense", "causal"],
+        ["cpu", "cuda", "mps"],
+        [128, 1024, 8192],
+        [1, 64, 256],
+        [8, 64, 512],
+        [0.0, 0.1],
+        [True, False],
+    )
+    for requested, device, S, w, D, p, aligned in grid:
+        q_len = S if aligned else 1
+        for runnable in (False, True):
+            name = select_kernel(
+                requested,
+                device_type=device,
+                q_len=q_len,
+                kv_len=S,
+                window=w,
+                head_dim=D,
+                dropout_p=p,
+                flex_available=True,
+                mode="sepllm",
+                aligned=aligned,
+                triton_available=runnable,
+            )
+            if name == "triton":
+                assert runnable and device == "cuda" and aligned and p == 0.0 and D <= 256
+
+
+def test_triton_availability_default_reads_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the argument, select_kernel asks triton_available: never CPU unless
+    TRITON_INTERPRET=1 (then only if the triton package imports)."""
+    args = {**BASE, "requested": "triton"}
+    del args["triton_available"]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not kernels.triton_available("cpu")
+    with pytest.raises(ValueError, match="cannot run on 'cpu'"):
+        select_kernel(args.pop("requested"), **args)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    has_triton = importlib.util.find_spec("triton") is not None
+    assert kernels.triton_available("cpu") == has_triton
+    if has_triton:
+        assert select_kernel("triton", **args) == "triton"

@@ -15,6 +15,11 @@ list of names):
   flex     FlexAttention with a mask_mod over separator positions (block mask cached per
            window on the KeptSet); aligned layout only, no dropout; CUDA for training (no CPU
            backward); imported on first use
+  triton   one fused Triton kernel per query block over the gathered far keys (initial +
+           separators, a per-row index list whose validity is a staircase) and the banded
+           window, online softmax, FlashAttention-2 style backward (kernels/triton_sep.py);
+           fp32 / bf16 / fp16, GQA, head dim <= 256; aligned layout only, no dropout; CUDA,
+           or CPU under TRITON_INTERPRET=1 (the tests); imported on first use
 `select_kernel` is the one place that decides which kernel runs a layer; kernels never hand
 a call to another kernel.
 """
@@ -22,6 +27,7 @@ a call to another kernel.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Protocol
 
 import torch
@@ -75,11 +81,50 @@ def _flex_entry(
     return _load_flex()(q, k, v, window=window, kept=kept, dropout_p=dropout_p)
 
 
+def _load_triton() -> AttentionKernel:
+    """kernels/triton_sep.py's kernel (a lazy import: Triton is optional and slow to import)."""
+    from megatron.sepllm.kernels.triton_sep import triton_kernel
+
+    return triton_kernel
+
+
+def triton_available(device_type: str) -> bool:
+    """Whether the triton kernel can run on `device_type`: Triton imports and the device is
+    CUDA, or TRITON_INTERPRET=1 runs it in the CPU interpreter (the tests)."""
+    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return _triton_imports()
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_entry(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    kept: KeptSet | None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Registry entry of the triton kernel: imports kernels/triton_sep.py on the first call
+    (the kernel itself refuses devices it cannot run on)."""
+    return _load_triton()(q, k, v, window=window, kept=kept, dropout_p=dropout_p)
+
+
 KERNELS: dict[str, AttentionKernel] = {
     "causal": causal_kernel,
     "dense": dense_kernel,
     "compact": compact_kernel,
     "flex": _flex_entry,
+    "triton": _triton_entry,
 }
 AUTO = "auto"  # not a kernel: asks select_kernel for the fastest measured one
 
@@ -92,6 +137,10 @@ def get_kernel(name: str) -> AttentionKernel:
         if not flex_available():
             raise ValueError("attention kernel 'flex' needs torch.nn.attention.flex_attention")
         return _load_flex()
+    if name == "triton":
+        if not _triton_imports():
+            raise ValueError("attention kernel 'triton' needs the triton package")
+        return _load_triton()
     return KERNELS[name]
 
 
@@ -110,6 +159,15 @@ AUTO_CUDA_COMPACT_MIN_SEQ = 8192
 # 0.87x the mask reference).
 DENSE_BELOW_WINDOW_RATIO = 4
 DENSE_MAX_SEQ = 4096
+# `auto` on CUDA picks the triton kernel from this sequence length on; None: never. UNMEASURED:
+# no GPU was lent when the kernel was written, so auto keeps the measured flex / compact rules
+# until `python benchmarks/sepllm_attention.py --device cuda --dtype bfloat16 --batch 4
+# --heads 16 --head-dim 128 --windows 64 --seq 2048 4096 8192 16384 --triton` (which checks
+# the kernel against an fp64 reference first) shows where it beats them; set it from that
+# table and cite it here. Explicit `attention_kernel: triton` runs it at any length.
+AUTO_CUDA_TRITON_MIN_SEQ: int | None = None
+# The triton kernel holds one [block, head dim] tile per operand in registers.
+TRITON_MAX_HEAD_DIM = 256
 # Compiled flex rejects small heads: "NYI: embedding dimension ... must be at least 16"
 # (torch 2.11); such layers go to compact.
 FLEX_MIN_HEAD_DIM = 16
@@ -127,6 +185,7 @@ def select_kernel(
     flex_available: bool,
     mode: str,
     aligned: bool = True,
+    triton_available: bool | None = None,
 ) -> str:
     """Name of the kernel that runs one layer (a key of KERNELS); pure.
 
@@ -137,13 +196,19 @@ def select_kernel(
     flex_available whether FlexAttention imports (`flex_available()`)
     mode           sepllm.mode ('full' has no kept set)
     aligned        the kept set's layout is the training one (KeptSet.aligned)
+    triton_available  whether the triton kernel can run on this device
+                   (`triton_available(device_type)`); None asks that function (the one
+                   non-pure default, for callers written before the triton kernel)
 
     Rules, in order: full mode or a window covering the sequence -> causal; an explicit
-    causal / dense request is honoured; unaligned kept sets (decode) -> dense, the only
-    kernel that reads positions; auto -> dense on non-CUDA devices up to AUTO_DENSE_MAX_SEQ,
-    flex on CUDA below AUTO_CUDA_COMPACT_MIN_SEQ when importable, else compact; flex with
-    dropout -> dense, flex on CUDA with a head dim below FLEX_MIN_HEAD_DIM -> compact;
-    compact with dropout or with S <= 4 w and S <= DENSE_MAX_SEQ -> dense.
+    request for flex / triton that cannot run here raises; an explicit causal / dense request
+    is honoured; unaligned kept sets (decode) -> dense, the only kernel that reads positions;
+    auto -> dense on non-CUDA devices up to AUTO_DENSE_MAX_SEQ, triton on CUDA from
+    AUTO_CUDA_TRITON_MIN_SEQ (None: never, unmeasured), flex on CUDA below
+    AUTO_CUDA_COMPACT_MIN_SEQ when importable, else compact; triton with dropout -> dense,
+    with a head dim above TRITON_MAX_HEAD_DIM -> compact; flex with dropout -> dense, flex on
+    CUDA with a head dim below FLEX_MIN_HEAD_DIM -> compact; compact with dropout or with
+    S <= 4 w and S <= DENSE_MAX_SEQ -> dense.
     """
     if aligned and q_len != kv_len:
         raise ValueError(f"an aligned kept set has q_len == kv_len, got {q_len} and {kv_len}")
@@ -155,6 +220,14 @@ def select_kernel(
         )
     if requested == "flex" and not flex_available:
         raise ValueError("attention kernel 'flex' needs torch.nn.attention.flex_attention")
+    if triton_available is None:
+        triton_available = _triton_available_on(device_type)
+    if requested == "triton" and not triton_available:
+        raise ValueError(
+            f"attention kernel 'triton' cannot run on {device_type!r}: it needs the triton "
+            "package and a CUDA device (on CPU only under TRITON_INTERPRET=1, the tests); "
+            "use 'auto' or 'compact'"
+        )
     if requested in ("causal", "dense"):
         return requested
     if not aligned:  # a decode step: keys at arbitrary text positions
@@ -163,10 +236,13 @@ def select_kernel(
     if name == AUTO:
         if device_type != "cuda" and kv_len <= AUTO_DENSE_MAX_SEQ:
             return "dense"
-        if device_type == "cuda" and kv_len < AUTO_CUDA_COMPACT_MIN_SEQ and flex_available:
-            name = "flex"
-        else:
-            name = "compact"
+        name = _auto_cuda(device_type, kv_len, head_dim, flex_available, triton_available)
+    if name == "triton":
+        if dropout_p > 0.0:  # no dropout in the fused kernel: exact reference instead
+            return "dense"
+        if head_dim <= TRITON_MAX_HEAD_DIM:
+            return "triton"
+        name = "compact"
     if name == "flex":
         if dropout_p > 0.0:  # flex_attention has no dropout: exact reference instead
             return "dense"
@@ -179,4 +255,20 @@ def select_kernel(
         return "dense"
     if kv_len <= DENSE_BELOW_WINDOW_RATIO * window and kv_len <= DENSE_MAX_SEQ:
         return "dense"
+    return "compact"
+
+
+_triton_available_on = triton_available  # select_kernel's argument shadows the function
+
+
+def _auto_cuda(device_type: str, kv_len: int, head_dim: int, flex: bool, triton: bool) -> str:
+    """auto past the CPU dense rule: triton (only once AUTO_CUDA_TRITON_MIN_SEQ is measured),
+    flex below AUTO_CUDA_COMPACT_MIN_SEQ, else compact; everything but CUDA -> compact."""
+    if device_type != "cuda":
+        return "compact"
+    gate = AUTO_CUDA_TRITON_MIN_SEQ
+    if triton and gate is not None and kv_len >= gate and head_dim <= TRITON_MAX_HEAD_DIM:
+        return "triton"
+    if kv_len < AUTO_CUDA_COMPACT_MIN_SEQ and flex:
+        return "flex"
     return "compact"
