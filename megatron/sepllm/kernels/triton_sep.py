@@ -50,6 +50,7 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 LOG2E = 1.4426950408889634
 FAR_NONE = 2**30  # far-list slot without a key: fails key_pos <= i - w for every query
+_FAR_NONE = tl.constexpr(FAR_NONE)  # the same, readable inside @triton.jit functions
 
 
 @triton.jit
@@ -61,37 +62,50 @@ def _load_rows(base, rows, row_stride, D, row_ok, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, PREC: tl.constexpr):
+def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST (the CPU interpreter only, whose bf16 tl.dot is
+    wrong in Triton 3.7): multiply the same rounded operands as fp32, which is exact for
+    bf16 / fp16 products, so the interpreter checks the GPU's numerics up to summation order."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One online-softmax step over a key tile; scores in log2 units."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BM, BN]
+    s = _mm(q, tl.trans(k), PREC, UPCAST) * qk_scale  # [BM, BN]
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))  # m_i starts finite: no -inf - -inf
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PREC, UPCAST)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _dq_step(dq, q, do, k, v, lse, delta, keep, qk_scale, PREC: tl.constexpr):
+def _dq_step(dq, q, do, k, v, lse, delta, keep, qk_scale, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dq += dS k over one key tile (dS = P * (dP - delta)); scale applied by the caller."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    s = _mm(q, tl.trans(k), PREC, UPCAST) * qk_scale
     p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    dp = _mm(do, tl.trans(v), PREC, UPCAST)
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq + _mm(ds.to(k.dtype), k, PREC, UPCAST)
 
 
 @triton.jit
-def _dkv_step(dk, dv, q, do, k, v, lse, delta, keep, qk_scale, PREC: tl.constexpr):
+def _dkv_step(
+    dk, dv, q, do, k, v, lse, delta, keep, qk_scale, PREC: tl.constexpr, UPCAST: tl.constexpr
+):
     """dk += dS^T q, dv += P^T dO over one query tile (dk's scale applied by the caller)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BM, BN]
+    s = _mm(q, tl.trans(k), PREC, UPCAST) * qk_scale  # [BM, BN]
     p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    dv += _mm(tl.trans(p).to(do.dtype), do, PREC, UPCAST)
+    dp = _mm(do, tl.trans(v), PREC, UPCAST)
     ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+    dk += _mm(tl.trans(ds).to(q.dtype), q, PREC, UPCAST)
     return dk, dv
 
 
@@ -101,6 +115,7 @@ def _fwd_kernel(
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
     S, H, D, W, MF, NQB, GROUP, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -116,19 +131,19 @@ def _fwd_kernel(
     cnt = tl.load(cnt_ptr + b * NQB + n)  # far keys valid for the block's last query
     for f0 in range(0, cnt, BLOCK_N):
         f = f0 + tl.arange(0, BLOCK_N)
-        pos = tl.load(far_ptr + b * MF + f, mask=f < cnt, other=FAR_NONE)
+        pos = tl.load(far_ptr + b * MF + f, mask=f < cnt, other=_FAR_NONE)
         ok = pos < S
         k = _load_rows(k_base, pos, sks, D, ok, BLOCK_D)
         v = _load_rows(v_base, pos, svs, D, ok, BLOCK_D)
         keep = pos[None, :] <= i[:, None] - W
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, PREC)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, PREC, UPCAST)
     lo = tl.maximum(q0 - W + 1, 0) // BLOCK_N * BLOCK_N
     for j0 in range(lo, tl.minimum(q0 + BLOCK_M, S), BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, j, sks, D, j < S, BLOCK_D)
         v = _load_rows(v_base, j, svs, D, j < S, BLOCK_D)
         keep = (j[None, :] <= i[:, None]) & (i[:, None] - j[None, :] < W) & (j[None, :] < S)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, PREC)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, PREC, UPCAST)
     l_i = tl.where(l_i > 0.0, l_i, 1.0)  # rows past S only
     out = acc / l_i[:, None]
     d = tl.arange(0, BLOCK_D)
@@ -143,6 +158,7 @@ def _dq_kernel(
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds,
     S, H, D, W, MF, NQB, GROUP, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -159,19 +175,19 @@ def _dq_kernel(
     cnt = tl.load(cnt_ptr + b * NQB + n)
     for f0 in range(0, cnt, BLOCK_N):
         f = f0 + tl.arange(0, BLOCK_N)
-        pos = tl.load(far_ptr + b * MF + f, mask=f < cnt, other=FAR_NONE)
+        pos = tl.load(far_ptr + b * MF + f, mask=f < cnt, other=_FAR_NONE)
         ok = pos < S
         k = _load_rows(k_base, pos, sks, D, ok, BLOCK_D)
         v = _load_rows(v_base, pos, svs, D, ok, BLOCK_D)
         keep = (pos[None, :] <= i[:, None] - W) & (i[:, None] < S)
-        dq = _dq_step(dq, q, do, k, v, lse, delta, keep, qk_scale, PREC)
+        dq = _dq_step(dq, q, do, k, v, lse, delta, keep, qk_scale, PREC, UPCAST)
     lo = tl.maximum(q0 - W + 1, 0) // BLOCK_N * BLOCK_N
     for j0 in range(lo, tl.minimum(q0 + BLOCK_M, S), BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, j, sks, D, j < S, BLOCK_D)
         v = _load_rows(v_base, j, svs, D, j < S, BLOCK_D)
         keep = (j[None, :] <= i[:, None]) & (i[:, None] - j[None, :] < W) & (i[:, None] < S)
-        dq = _dq_step(dq, q, do, k, v, lse, delta, keep, qk_scale, PREC)
+        dq = _dq_step(dq, q, do, k, v, lse, delta, keep, qk_scale, PREC, UPCAST)
     d = tl.arange(0, BLOCK_D)
     ptrs = dq_ptr + b.to(tl.int64) * sqb + h * sqh + i[:, None].to(tl.int64) * sqs + d[None, :]
     mask = (i[:, None] < S) & (d[None, :] < D)
@@ -185,6 +201,7 @@ def _dkv_kernel(
     S, H, D, W, MF, GROUP, qk_scale, sm_scale,
     FAR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     # FAR: block n of row b's far list (queries i >= key_pos + w); else key block n of the
     # sequence (queries j <= i < j + w). dk / dv: fp32 [B, Hkv, S, D] contiguous.
@@ -193,7 +210,7 @@ def _dkv_kernel(
     b, kh = bkh // Hkv, bkh % Hkv
     if FAR:
         f = n * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = tl.load(far_ptr + b * MF + f, mask=f < MF, other=FAR_NONE)  # key positions
+        j = tl.load(far_ptr + b * MF + f, mask=f < MF, other=_FAR_NONE)  # key positions
         q_lo = (tl.load(far_ptr + b * MF + n * BLOCK_N) + W) // BLOCK_M * BLOCK_M
         q_hi = S
     else:
@@ -221,7 +238,7 @@ def _dkv_kernel(
             else:
                 keep = (j[None, :] <= i[:, None]) & (i[:, None] - j[None, :] < W)
                 keep = keep & (i[:, None] < S) & ok[None, :]
-            dk, dv = _dkv_step(dk, dv, q, do, k, v, lse, delta, keep, qk_scale, PREC)
+            dk, dv = _dkv_step(dk, dv, q, do, k, v, lse, delta, keep, qk_scale, PREC, UPCAST)
     d = tl.arange(0, BLOCK_D)
     off = (bkh.to(tl.int64) * S + j[:, None].to(tl.int64)) * D + d[None, :]
     mask = ok[:, None] & (d[None, :] < D)
@@ -277,11 +294,13 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 
 def _meta(q: torch.Tensor, plan: _Plan) -> dict[str, object]:
     """Launch constants shared by the three kernels."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     return dict(
         BLOCK_M=plan.block_m,
         BLOCK_N=BLOCK_N,
         BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),  # tl.dot needs K >= 16
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 only affects fp32 inputs
+        PREC="ieee" if q.dtype == torch.float32 or interpret else "tf32",  # fp32: not TF32
+        UPCAST=interpret,
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
     )
