@@ -11,6 +11,15 @@ B = 1, H = 8, D = 64. Columns:
   setup_ms per-batch mask / plan building, shared by all layers (not in `ms`)
 Timing: interleaved rounds, minimum per kernel (the 2-core machine is noisy).
 The flex kernel has no CPU backward: on CPU it is timed forward-only (column `fwd`) if it runs.
+
+On CUDA, `--triton` adds the Triton kernel (kernels/triton_sep.py) and every run adds causal
+FlashAttention (torch SDPA with the flash backend forced, row `flash`); before any timing,
+each SepLLM kernel's output and q / k / v gradients are checked against an fp64 dense
+reference on the first batch row and two heads (the run stops on a mismatch). The issue's
+GPU target (bf16, B=4, H=16, D=128, w=64): triton fwd+bwd at most 0.75x / 0.5x / 0.4x of
+flash at S=4096 / 8192 / 16384:
+    python benchmarks/sepllm_attention.py --device cuda --dtype bfloat16 --batch 4 --heads 16
+        --head-dim 128 --windows 64 --seq 4096 8192 16384 --triton --reps 8
 """
 
 from __future__ import annotations
@@ -136,7 +145,13 @@ def bench_one(S: int, w: int, ids: list[int], seps: list[int], args) -> list[str
     )
     rounds = max(2, args.reps if S <= 4096 else args.reps // 2)
     names = ["dense", "compact"] + (["flex"] if dev.type == "cuda" else [])
+    if dev.type == "cuda" and args.triton:
+        names.append("triton")
+    if dev.type == "cuda":
+        check_fp64(names, rows[:1], cfg, q, k, v, w)
     fns = {"causal": fwd_bwd(get_kernel("causal"), q, k, v, w, None)}
+    if dev.type == "cuda":
+        fns["flash"] = fwd_bwd(flash_causal, q, k, v, w, None)
     # Each requested name runs the kernel the trainer would pick for it (select_kernel): e.g.
     # compact hands S <= 4 w to the dense mask, as in docs/benchmarks.md.
     fns |= {
@@ -147,6 +162,8 @@ def bench_one(S: int, w: int, ids: list[int], seps: list[int], args) -> list[str
     t["causal"] = _BEST_CAUSAL[S] = min(t["causal"], _BEST_CAUSAL.get(S, float("inf")))
     setup = setup_time(info, w)
     rows = [f"{S:>6} {w:>4} {'causal':>8} {t['causal'] * 1e3:>9.1f} {'1.000':>6} {'-':>6} {'-':>7}"]
+    if "flash" in t:
+        rows.append(f"{S:>6} {w:>4} {'flash':>8} {t['flash'] * 1e3:>9.1f} {'1.000':>6}")
     for name in names:
         eff = kept * t["causal"] / t[name]
         rows.append(
@@ -155,7 +172,45 @@ def bench_one(S: int, w: int, ids: list[int], seps: list[int], args) -> list[str
         )
     if args.flex and dev.type == "cpu" and flex_available():
         rows.append(flex_row(S, w, q, k, v, info, kept, rounds))
+    if "triton" in t:
+        rows.append(f"# S={S} w={w}: triton / flash = {t['triton'] / t['flash']:.3f}")
     return rows
+
+
+def flash_causal(q, k, v, *, window: int, kept: KeptSet | None) -> torch.Tensor:
+    """Causal attention through torch SDPA with the FlashAttention backend forced."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def check_fp64(names: list[str], rows: list[list[int]], cfg, q, k, v, w: int) -> None:
+    """Each kernel's output and q / k / v gradients on batch row 0, heads 0-1, against an fp64
+    masked softmax over the dense kept mask; stops the run on a mismatch (2e-2 of the largest
+    reference entry: bf16 inputs)."""
+    info = build_kept_set(torch.tensor(rows, device=q.device), cfg)
+    keep = dense_keep_mask(info, w)[:, None]  # [1, 1, S, S]
+    xs = [t[:1, :2].detach() for t in (q, k, v)]
+    grad = torch.randn_like(xs[0])
+    ref_in = [t.double().requires_grad_() for t in xs]
+    s = ref_in[0] @ ref_in[1].transpose(-1, -2) / q.shape[-1] ** 0.5
+    ref = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ ref_in[2]
+    ref.backward(grad.double())
+    expected = [ref.detach(), *(t.grad for t in ref_in)]
+    del s
+    for name in names:
+        got_in = [t.clone().requires_grad_() for t in xs]
+        kernel = get_kernel(chosen(name, q.shape[2], w, q.shape[-1], q.device))
+        out = kernel(*got_in, window=w, kept=info)
+        out.backward(grad)
+        got = [out.detach(), *(t.grad for t in got_in)]
+        for what, x, y in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
+            err = (x.double() - y).abs().max().item()
+            bound = 2e-2 * max(1.0, y.abs().max().item())
+            if not err <= bound:
+                raise SystemExit(f"{name} {what}: max error {err:.3g} > {bound:.3g} vs fp64")
+        print(f"# fp64 check S={q.shape[2]} w={w} {name}: ok", flush=True)
 
 
 def chosen(name: str, S: int, w: int, D: int, dev: torch.device) -> str:
@@ -199,6 +254,7 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--flex", action="store_true", help="also time flex (forward only on CPU)")
+    ap.add_argument("--triton", action="store_true", help="also time the triton kernel (CUDA)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (flex fwd+bwd is timed on cuda)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
