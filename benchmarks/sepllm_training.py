@@ -201,12 +201,14 @@ def probe(seq: int, window: int, kernel: str) -> None:
     print(f"PROBE_MB {(_proc_status_kb('VmHWM') - before) / 1024:.1f}")
 
 
-def print_table(runs: list[Run]) -> bool:
-    """Prints the table; True when every SepLLM run matched its dense reference."""
-    print(
-        f"{'seq':>6} {'w':>5} {'kernel':>8} {'ms/iter':>9} {'peak MB':>8} {'speed-up':>8} "
-        f"{'kept':>6} {'kept-KV':>7} {'loss':>8} {'dense ref':>9} {'rel diff':>9}"
-    )
+HEADER = (
+    f"{'seq':>6} {'w':>5} {'kernel':>8} {'ms/iter':>9} {'peak MB':>8} {'speed-up':>8} "
+    f"{'kept':>6} {'kept-KV':>7} {'loss':>8} {'dense ref':>9} {'rel diff':>9}"
+)
+
+
+def print_rows(runs: list[Run]) -> bool:
+    """Prints one table row per run; True when every SepLLM run matched its dense reference."""
     ok = True
     by_seq: dict[int, float] = {}
     for run in runs:
@@ -223,9 +225,9 @@ def print_table(runs: list[Run]) -> bool:
             ref, kept = f"{run.losses[0]:>8.4f} {'-':>9} {'-':>9}", f"{'1.000':>6} {'1.000':>7}"
         print(
             f"{run.seq:>6} {w:>5} {run.kernel:>8} {ms:>9.1f} {run.peak_mb:>8.1f} {speed:>7.2f}x "
-            f"{kept} {ref}"
+            f"{kept} {ref}",
+            flush=True,
         )
-    print(f"losses equal to the dense-mask reference (rel <= {LOSS_RTOL:g}): {ok}")
     return ok
 
 
@@ -271,9 +273,13 @@ def main() -> None:
     tuned = tune_host_allocator()  # as train.py does (megatron/training/main.py)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, allocator {tuned}")
     runs: list[Run] = []
-    for seq in args.seq:
+    for seq in args.seq:  # rows as each length finishes (a long run shows progress)
         runs += bench_seq(seq, args)
-    ok = print_table(runs)
+        print(HEADER)
+        print_rows([r for r in runs if r.seq == seq])
+    print("\n" + HEADER)
+    ok = print_rows(runs)
+    print(f"losses equal to the dense-mask reference (rel <= {LOSS_RTOL:g}): {ok}")
     plot(runs, args.plot)
     sys.exit(0 if ok else 1)
 
