@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.config.schema import Config
+from megatron.config.schema import Config, ModelConfig
 from megatron.model.transformer import BatchContextBuilder, Block, Embedding, OutputHead
 from megatron.parallel.layers import SINGLE, TensorParallel, copy_to_tp
 
@@ -96,6 +96,15 @@ def pieces(cfg: Config, tp: TensorParallel) -> list[Piece]:
             Piece(EmbeddingPipe, (cfg.model, vocab, tp), tied=True, forward_fn=_tied_head(tp))
         )
     return out
+
+
+def piece_sources(model: ModelConfig) -> list[tuple[str, str]]:
+    """(GPTModel prefix, prefix inside the layer) of each parameter-holding piece, by pipeline
+    layer index, from the model section alone: how a checkpoint's per-layer files
+    (`layer_LL-model_TT-model_states.pt`) map to GPTModel names. Same order as `pieces`."""
+    out = [("embedding.", EmbeddingPipe.WRAPS)]
+    out += [(f"blocks.{i}.", BlockPipe.WRAPS) for i in range(model.num_layers)]
+    return out + [("output.", FinalNormPipe.WRAPS)]
 
 
 def layer_specs(cfg: Config, tp: TensorParallel) -> list[Any]:

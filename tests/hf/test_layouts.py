@@ -22,11 +22,17 @@ from tests.conftest import run_cli, write_config
 from tests.hf.conftest import MODEL, sepllm_overrides
 
 DP2 = {"num_gpus": 2, "gradient_accumulation_steps": 1}  # same global batch as 1 x 2 x 2
+TP2 = {"model_parallel_size": 2, "num_gpus": 2}
+PP2 = {"pipe_parallel_size": 2, "num_gpus": 2}
+# Each layout reads its weights from a different source (tools/ckpts/neox_checkpoint.py):
+# the universal copy (ZeRO 0 fp32, any TP x PP; also the single-process reference),
+# zero_to_fp32 per tensor-parallel rank, or the pipeline's per-layer files.
 LAYOUTS = {
-    "tp2": {"model_parallel_size": 2, "num_gpus": 2},
-    "pp2": {"pipe_parallel_size": 2, "num_gpus": 2},
-    "dp2_zero2": {**DP2, "zero_optimization": {"stage": 2}},
-    "dp2_zero3": {**DP2, "zero_optimization": {"stage": 3}},
+    "tp2_zero1": ({**TP2, "zero_optimization": {"stage": 1}}, "zero_to_fp32"),
+    "tp2_zero3": ({**TP2, "zero_optimization": {"stage": 3}}, "zero_to_fp32"),
+    "pp2_zero1": ({**PP2, "zero_optimization": {"stage": 1}}, "pipeline layer files"),
+    "dp2_zero2": ({**DP2, "zero_optimization": {"stage": 2}}, "zero_to_fp32"),
+    "dp2_zero3": ({**DP2, "zero_optimization": {"stage": 3}}, "zero_to_fp32"),
 }
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
 
@@ -64,7 +70,9 @@ def reference(sepllm_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def test_parallel_layout_converts_to_the_same_model(
     layout: str, reference: Path, shakespeare: tuple[str, str], tmp_path: Path
 ) -> None:
-    ckpt = _train(tmp_path, shakespeare, "deepy.py", **LAYOUTS[layout])
+    options, source = LAYOUTS[layout]
+    ckpt = _train(tmp_path, shakespeare, "deepy.py", **options)
+    assert read_checkpoint(ckpt).source == source
     got = _logits(_export(ckpt, tmp_path / "hf"), shakespeare[1])
     want = _logits(reference, shakespeare[1])
     assert (got - want).abs().max().item() <= 1e-4
@@ -90,14 +98,24 @@ def test_bf16_checkpoint_converts_in_bf16(shakespeare: tuple[str, str], tmp_path
 
 
 @pytest.mark.slow
-def test_tp2_bf16_merges_the_rank_files(shakespeare: tuple[str, str], tmp_path: Path) -> None:
-    """bf16 at ZeRO 0 has no universal copy: the two mp_rank files are merged by the layers'
-    layouts. Against its own single-process bf16 run, to bf16 tolerance (the two runs round
-    differently in training; a wrong merge is off by O(1))."""
-    bf16 = {"precision": "bfloat16"}
+def test_bf16_tp2_and_pp2_merge_the_module_files(
+    shakespeare: tuple[str, str], tmp_path: Path
+) -> None:
+    """bf16 at ZeRO 1 (DeepSpeed's BF16 optimizer, whose files zero_to_fp32 cannot read)
+    exports the bf16 module weights: TP=2 merges the two mp_rank files by the layers'
+    layouts, PP=2 reads the per-layer files. Against the single-process bf16 run with the
+    same optimizer, to bf16 tolerance (the runs round differently in training; a wrong merge
+    is off by O(1))."""
+    bf16 = {"precision": "bfloat16", "zero_optimization": {"stage": 1}}
     single = _train(tmp_path / "single", shakespeare, "train.py", **bf16)
-    tp2 = _train(tmp_path / "tp2", shakespeare, "deepy.py", **bf16, **LAYOUTS["tp2"])
-    assert read_checkpoint(tp2).source == "mp_rank model states"
     want = _logits(_export(single, tmp_path / "hf1"), shakespeare[1])
-    got = _logits(_export(tp2, tmp_path / "hf2"), shakespeare[1])
-    assert (got - want).abs().max().item() <= 5e-2 * max(1.0, want.abs().max().item())
+    for name, (options, source) in {
+        "tp2": (TP2, "mp_rank model states"),
+        "pp2": (PP2, "pipeline layer files"),
+    }.items():
+        ckpt = _train(tmp_path / name, shakespeare, "deepy.py", **bf16, **options)
+        assert read_checkpoint(ckpt).source == source
+        got = _logits(_export(ckpt, tmp_path / f"hf_{name}"), shakespeare[1])
+        diff = (got - want).abs().max().item()
+        print(f"bf16 {name}: max |logit diff| {diff:.4f} (logits up to {want.abs().max():.2f})")
+        assert diff <= 5e-2 * max(1.0, want.abs().max().item()), name

@@ -18,6 +18,7 @@ from megatron.hf.adapters import from_hf, to_hf
 from megatron.model.transformer import GPTModel, init_weights
 from megatron.parallel.layers import (
     REPLICATED,
+    SINGLE,
     Layout,
     TensorParallel,
     param_init_roles,
@@ -243,3 +244,16 @@ def test_pipeline_names_match_a_built_pipeline_module() -> None:
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert "PIPE NAMES OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("config", ["configs/tiny.yml", "configs/tiny_llama.yml"])
+def test_piece_sources_follow_the_pipeline_pieces(config: str) -> None:
+    """The checkpoint reader maps per-layer files through `piece_sources` (model section
+    only); it must list the parameter-holding pieces in pipeline order (tied or untied)."""
+    from megatron.config.loader import load_config
+    from megatron.config.validate import finalize
+    from megatron.training.pipeline import piece_sources, pieces
+
+    cfg = finalize(load_config([ROOT / config]), 1, 8192)
+    want = [(p.source, p.cls.WRAPS) for p in pieces(cfg, SINGLE) if p.source]
+    assert piece_sources(cfg.model) == want
