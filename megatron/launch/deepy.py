@@ -416,8 +416,9 @@ def library_output_to_stderr() -> Iterator[None]:
 
 # Inference entry points run in one process and read their own YAML keys (generation settings
 # are not training config), so deepy.py hands them the files unchanged, as NeoX users call them:
-# `python deepy.py generate.py model.yml text_generation.yml`.
-SINGLE_PROCESS_SCRIPTS = ("generate.py",)
+# `python deepy.py generate.py model.yml text_generation.yml`, `python deepy.py eval.py
+# model.yml --eval_tasks shakespeare_lambada`.
+SINGLE_PROCESS_SCRIPTS = ("generate.py", "eval.py")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,127 @@
+"""One lm-evaluation-harness run over our checkpoints or transformers folders, offline.
+
+`model_spec(path)` picks the backend: our checkpoint -> `sepneox` (megatron/eval/lm.py);
+a transformers folder -> lm-eval's own `hf` backend with `pretrained=<dir>` (and
+`attn_implementation=sepllm` when its config.json describes a SepLLM / StreamingLLM kept
+set, so the twin runs the attention it was trained with). `evaluate` runs simple_evaluate
+with the local tasks of megatron/eval/tasks (and any --include_path), never the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from megatron.common.files import atomic_write_text
+from megatron.eval.lambada import DATA_FILE, resolved_task_dir
+
+# Offline before datasets / transformers are imported: local files only, no hub look-ups.
+for _var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+
+def is_our_checkpoint(p: Path) -> bool:
+    """A save directory with `latest`, or one global_stepN (megatron/inference/loading.py)."""
+    if (p / "latest").is_file():
+        p = p / (p / "latest").read_text().strip()
+    return (p / "config.yml").is_file() and (p / "mp_rank_00_model_states.pt").is_file()
+
+
+def model_spec(path: str) -> tuple[str, dict[str, Any]]:
+    """(lm-eval model name, model_args) for one of our checkpoints or an HF folder."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model path {path!r} does not exist")
+    if is_our_checkpoint(p):
+        return "sepneox", {"path": str(p)}
+    config = p / "config.json"
+    if config.is_file():
+        args: dict[str, Any] = {"pretrained": str(p), "dtype": "float32"}
+        sep = json.loads(config.read_text()).get("sepllm")
+        if isinstance(sep, dict) and sep.get("mode", "full") != "full":
+            args["attn_implementation"] = "sepllm"
+        return "hf", args
+    raise FileNotFoundError(
+        f"{path!r} is neither one of our checkpoints (latest + global_stepN/) nor a "
+        "transformers folder (config.json + weights)"
+    )
+
+
+def parse_model_args(text: str | None) -> dict[str, Any]:
+    """'pretrained=x,dtype=float32' -> dict (lm-eval's --model_args syntax)."""
+    out: dict[str, Any] = {}
+    for part in (text or "").split(","):
+        if part.strip():
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise ValueError(f"--model_args: expected key=value, got {part!r}")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def task_manager(include_paths: list[str], tmp: str) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    if not DATA_FILE.is_file():
+        raise FileNotFoundError(
+            f"{DATA_FILE} is missing: python tools/eval/make_lambada_task.py builds it"
+        )
+    local = resolved_task_dir(Path(tmp) / "tasks")
+    return TaskManager(include_path=[str(local), *include_paths])
+
+
+def evaluate(
+    model: str,
+    model_args: dict[str, Any],
+    tasks: list[str],
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    include_paths: list[str] | None = None,
+) -> dict[str, Any]:
+    """simple_evaluate over `tasks`; returns lm-eval's results dict (without samples)."""
+    # lm-eval imports its built-in backends (hf, ...) lazily, only while its registry is
+    # empty: registering sepneox first would skip that, so import them explicitly.
+    import lm_eval
+    import lm_eval.models  # noqa: F401
+
+    import megatron.eval.lm  # noqa: F401  registers the "sepneox" model
+    import megatron.hf.sepllm_attention  # noqa: F401  registers attn_implementation="sepllm"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = task_manager(include_paths or [], tmp)
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; local tasks: {local_task_names()}")
+        results = lm_eval.simple_evaluate(
+            model=model,
+            model_args=model_args,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            task_manager=manager,
+            log_samples=False,
+        )
+    if results is None:
+        raise RuntimeError("lm_eval returned no results")
+    return dict(results)
+
+
+def local_task_names() -> list[str]:
+    return sorted(p.stem for p in (Path(__file__).parent / "tasks").glob("*.yaml"))
+
+
+def write_results(results: dict[str, Any], output_path: str) -> Path:
+    """lm-eval's --output_path: a .json file, or a directory that gets results.json."""
+    out = Path(output_path)
+    if out.suffix != ".json":
+        out = out / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(results, indent=2, default=str) + "\n")
+    return out
