@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 
 from megatron.config.schema import Config
+from megatron.model.transformer import GPTModel
 from megatron.parallel.layers import Layout, param_layouts
 from megatron.parallel.topology import Parallelism
 from megatron.training import safe_load
 from megatron.training.pipeline import pipe_names
-from megatron.training.setup import build_model
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -46,8 +46,12 @@ def _local_names(module: torch.nn.Module, cfg: Config, pipeline: bool) -> dict[s
 
 
 def _full_param_names(cfg: Config) -> list[str]:
+    """The single-device parameter names. Built on the meta device without build_model: its
+    seeding would reset the run's random stream at every pipeline save and load."""
+    d = cfg.derived
     with torch.device("meta"):
-        return [k for k, _ in build_model(cfg).named_parameters()]
+        model = GPTModel(cfg.model, cfg.sepllm, d.padded_vocab_size, d.windows)
+    return [k for k, _ in model.named_parameters()]
 
 
 def _local_entries(engine: Any, cfg: Config, par: Parallelism) -> dict[str, tuple[Layout, dict]]:

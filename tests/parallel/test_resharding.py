@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.conftest import run_cli, step_losses, write_config
+from tests.conftest import ROOT, run_cli, step_losses, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -52,3 +53,21 @@ def test_layout_change_without_full_state_is_refused(tmp_path: Path, shakespeare
     )
     with pytest.raises(AssertionError, match="without a layout-independent copy"):
         run_cli(["deepy.py", "train.py", str(cfg)])
+
+
+def test_pipeline_name_lookup_leaves_the_random_stream_alone() -> None:
+    """Pipeline saves and loads look up the single-device names; that must not reseed torch
+    (it would change dropout after every checkpoint) and must name build_model's parameters."""
+    from megatron.config.loader import load_config
+    from megatron.config.validate import finalize
+    from megatron.training import universal
+    from megatron.training.setup import build_model
+
+    cfg = finalize(load_config([ROOT / "configs/tiny.yml"]), 1, 8192)
+    torch.manual_seed(123)
+    want = torch.rand(4)
+    torch.manual_seed(123)
+    names = universal._full_param_names(cfg)
+    assert torch.equal(torch.rand(4), want)
+    with torch.device("meta"):
+        assert names == [k for k, _ in build_model(cfg).named_parameters()]
