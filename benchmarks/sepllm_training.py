@@ -12,10 +12,12 @@ order of the runs so machine drift hits all of them; the median round is reporte
 
 Columns:
   kernel    the kernel the layers ran (`select_kernel` for sepllm.attention_kernel)
-  ms/iter   median over rounds of (round time / iterations)
+  ms/iter   median over rounds of (round wall time / iterations)
+  speed-up  median over rounds of full attention's round time / this run's (same round)
+  cpu ms, cpu x   the same from the process's CPU time (time.process_time), which other
+            jobs on a shared machine disturb less than wall time
   peak MB   peak RSS of a fresh process over 3 training steps minus its RSS before them
             (VmHWM - VmRSS from /proc; '-' with --no-memory)
-  speed-up  full attention's ms/iter / this run's
   kept      kept pairs / causal pairs and kept keys of the last query / S (kept-KV), measured
             from the kept sets of the timed batches
   loss      the first --loss-steps losses of this run against the same steps trained with the
@@ -63,6 +65,7 @@ class Run:
     batches: Iterator[torch.Tensor]
     kernel: str
     times: list[float] = field(default_factory=list)  # seconds per iteration, one per round
+    cpu_times: list[float] = field(default_factory=list)  # process CPU seconds per iteration
     losses: list[float] = field(default_factory=list)  # every step's loss, in order
     ref_losses: list[float] = field(default_factory=list)  # the dense reference's first steps
     kept_pairs: float = float("nan")
@@ -118,13 +121,13 @@ def new_run(seq: int, window: int, kernel: str) -> Run:
     return Run(seq, window, trainer, batches, kernel_name(trainer))
 
 
-def train(run: Run, steps: int) -> float:
-    """Seconds per iteration over `steps` optimizer steps."""
-    start = time.perf_counter()
+def train(run: Run, steps: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per iteration over `steps` optimizer steps."""
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         loss, _ = run.trainer.steps.train_step(run.batches)
         run.losses.append(loss)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
 def measure_kept(run: Run, n_batches: int) -> None:
@@ -155,7 +158,9 @@ def bench_seq(seq: int, args: argparse.Namespace) -> list[Run]:
         train(run, args.loss_steps)
     for r in range(args.rounds):  # rotate the order: drift hits every run alike
         for run in runs[r % len(runs) :] + runs[: r % len(runs)]:
-            run.times.append(train(run, args.iters))
+            wall, cpu = train(run, args.iters)
+            run.times.append(wall)
+            run.cpu_times.append(cpu)
         print(f"  seq {seq} round {r + 1}/{args.rounds} done", flush=True)
     n_batches = args.loss_steps + args.rounds * args.iters
     for run in runs[1:]:
@@ -202,20 +207,27 @@ def probe(seq: int, window: int, kernel: str) -> None:
 
 
 HEADER = (
-    f"{'seq':>6} {'w':>5} {'kernel':>8} {'ms/iter':>9} {'peak MB':>8} {'speed-up':>8} "
-    f"{'kept':>6} {'kept-KV':>7} {'loss':>8} {'dense ref':>9} {'rel diff':>9}"
+    f"{'seq':>6} {'w':>5} {'kernel':>8} {'ms/iter':>9} {'speed-up':>8} {'cpu ms':>8} "
+    f"{'cpu x':>6} {'peak MB':>8} {'kept':>6} {'kept-KV':>7} {'loss':>8} {'dense ref':>9} "
+    f"{'rel diff':>9}"
 )
+
+
+def _speedup(full: list[float], run: list[float]) -> float:
+    """Median over rounds of full / run: each round's pair ran minutes apart at most, so the
+    ratio is steadier than the ratio of medians when the machine's load drifts."""
+    return statistics.median(f / r for f, r in zip(full, run, strict=True))
 
 
 def print_rows(runs: list[Run]) -> bool:
     """Prints one table row per run; True when every SepLLM run matched its dense reference."""
     ok = True
-    by_seq: dict[int, float] = {}
+    full = {run.seq: run for run in runs if run.window == 0}
     for run in runs:
-        ms = 1e3 * statistics.median(run.times)
-        if run.window == 0:
-            by_seq[run.seq] = ms
-        speed = by_seq[run.seq] / ms
+        ms, cpu = 1e3 * statistics.median(run.times), 1e3 * statistics.median(run.cpu_times)
+        base = full[run.seq]
+        speed = _speedup(base.times, run.times)
+        cpu_speed = _speedup(base.cpu_times, run.cpu_times)
         w = "full" if run.window == 0 else str(run.window)
         if run.window:
             ok &= run.ref_diff <= LOSS_RTOL
@@ -224,8 +236,8 @@ def print_rows(runs: list[Run]) -> bool:
         else:
             ref, kept = f"{run.losses[0]:>8.4f} {'-':>9} {'-':>9}", f"{'1.000':>6} {'1.000':>7}"
         print(
-            f"{run.seq:>6} {w:>5} {run.kernel:>8} {ms:>9.1f} {run.peak_mb:>8.1f} {speed:>7.2f}x "
-            f"{kept} {ref}",
+            f"{run.seq:>6} {w:>5} {run.kernel:>8} {ms:>9.1f} {speed:>7.2f}x {cpu:>8.1f} "
+            f"{cpu_speed:>5.2f}x {run.peak_mb:>8.1f} {kept} {ref}",
             flush=True,
         )
     return ok
@@ -237,10 +249,10 @@ def plot(runs: list[Run], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    full = {r.seq: statistics.median(r.times) for r in runs if r.window == 0}
+    full = {r.seq: r.times for r in runs if r.window == 0}
     fig, ax = plt.subplots(figsize=(6, 4))
     for w in sorted({r.window for r in runs if r.window}):
-        pts = [(r.seq, full[r.seq] / statistics.median(r.times)) for r in runs if r.window == w]
+        pts = [(r.seq, _speedup(full[r.seq], r.times)) for r in runs if r.window == w]
         ax.plot(*zip(*pts, strict=True), marker="o", label=f"SepLLM w={w}")
     ax.axhline(1.0, color="grey", linestyle="--", label="full attention")
     ax.set_xscale("log", base=2)
