@@ -27,7 +27,12 @@ def _load(path: Path) -> dict[str, Any] | None:
 def collect(out: Path, variants: list[str]) -> dict[str, Any]:
     runs = {v: r for v in variants if (r := _load(out / "results" / f"{v}.json")) is not None}
     streams = {}
-    for d in sorted((out / "streaming").glob("*/result.json")):
+    order = {v: i for i, v in enumerate(LABELS)}
+    found = sorted(
+        (out / "streaming").glob("*/result.json"),
+        key=lambda p: (order.get(p.parent.name.split("__")[0], 99), p.stat().st_mtime),
+    )
+    for d in found:
         s = json.loads(d.read_text())
         lengths = _load(d.parent / "lengths.json") or []
         streams[d.parent.name] = {

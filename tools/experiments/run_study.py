@@ -235,7 +235,7 @@ def stage_report(args: argparse.Namespace, clock: Clock) -> None:
     atomic_write_text(args.out / "results.json", json.dumps(results, indent=1) + "\n")
     import study_plots
 
-    pngs = study_plots.plot_all(args.out, results, args.benchmark_json)
+    pngs = study_plots.plot_all(args.out, results, args.benchmark)
     atomic_write_text(args.out / "results.md", report.markdown(results, pngs))
     clock.record("report", time.perf_counter() - t0)
     log(f"report: {args.out / 'results.md'}, {len(pngs)} plots in {args.out / 'plots'}")
@@ -258,10 +258,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--force", action="store_true", help="recompute measurements and streams")
     p.add_argument(
-        "--benchmark_json",
+        "--benchmark",
         type=Path,
         default=None,
-        help="speed-up table of benchmarks/sepllm_training.py (JSON/CSV) for the speed-up plot",
+        help="speed-up table for speedup.png: benchmarks/sepllm_training.py output (.txt), JSON or CSV",
     )
     args = p.parse_args(argv)
     args.launcher = args.launcher or ("direct" if args.smoke else "deepy")
@@ -278,8 +278,8 @@ def check_inputs(args: argparse.Namespace) -> None:
     ]
     if missing:
         raise FileNotFoundError(f"missing study configs: {', '.join(missing)}")
-    if args.benchmark_json is not None and not args.benchmark_json.is_file():
-        raise FileNotFoundError(f"--benchmark_json {args.benchmark_json} does not exist")
+    if args.benchmark is not None and not args.benchmark.is_file():
+        raise FileNotFoundError(f"--benchmark {args.benchmark} does not exist")
     if "vanilla" not in args.variants and {"measure", "stream"} & set(args.stages):
         log("note: without vanilla there is no training-free case")
     if args.out.exists() and not args.out.is_dir():

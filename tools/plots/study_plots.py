@@ -1,7 +1,7 @@
 """PNG plots of the SepLLM study (docs/results.md), from a study directory written by
 tools/experiments/run_study.py:
 
-    python tools/plots/study_plots.py --study runs/study [--benchmark_json bench.json]
+    python tools/plots/study_plots.py --study runs/study [--benchmark bench.txt]
 
 loss_curves.png       training (and validation) loss of every run on one plot
 streaming_ppl.png     running perplexity vs position for each cache, with / without shift
@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,26 +63,29 @@ def loss_curves(results: dict[str, Any], path: Path) -> str:
     return _save(fig, path)
 
 
-def _running_ppl(nll: list[float], points: int = 300) -> tuple[list[int], list[float]]:
-    step = max(1, len(nll) // points)
-    xs, ys, total = [], [], 0.0
-    for i, v in enumerate(nll, 1):
-        total += v
-        if i % step == 0 or i == len(nll):
-            xs.append(i)
-            ys.append(math.exp(min(total / i, 50.0)))
+def _block_ppl(nll: list[float], blocks: int = 32) -> tuple[list[int], list[float]]:
+    """Perplexity of each of `blocks` equal spans of the stream, at the span's end: unlike
+    a running mean, a blow-up past the trained length shows where it happens."""
+    size = max(1, len(nll) // blocks)
+    xs, ys = [], []
+    for lo in range(0, len(nll), size):
+        part = nll[lo : lo + size]
+        xs.append(lo + len(part))
+        ys.append(math.exp(min(sum(part) / len(part), 50.0)))
     return xs, ys
 
 
 def streaming_ppl(study: Path, results: dict[str, Any], path: Path) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     seq = next(iter(results["runs"].values()), {}).get("seq_length")
+    n = 0
     for key, s in results["streaming"].items():
         nll_file = study / "streaming" / key / "nll.txt"
         if not nll_file.is_file():
             continue
         nll = [float(v) for v in nll_file.read_text().split()]
-        xs, ys = _running_ppl(nll)
+        n = len(nll)
+        xs, ys = _block_ppl(nll)
         o = s["options"]
         ax = axes[0] if (o["shift"] or o["cache"] == "full") else axes[1]
         style = {"sep": "-", "sink": "--", "full": ":"}[o["cache"]]
@@ -94,7 +98,7 @@ def streaming_ppl(study: Path, results: dict[str, Any], path: Path) -> str:
         ax.set(xlabel="tokens streamed", title=title, yscale="log")
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("perplexity of the first N tokens")
+    axes[0].set_ylabel(f"perplexity per {max(1, n // 32)}-token block")
     return _save(fig, path)
 
 
@@ -156,12 +160,23 @@ def attention_pattern(study: Path, path: Path, window: int = 8) -> str:
     return _save(fig, path)
 
 
-def _bench_rows(path: Path) -> list[dict[str, float]]:
-    """Rows {seq, speedup} from a JSON list / {"rows": [...]} or a CSV with a seq column and
-    either a speedup column or dense and sepllm times."""
+_TABLE_ROW = re.compile(r"^\s*(\d+)\s+(full|\d+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)x")
+
+
+def _bench_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows {seq, speedup, label}: from benchmarks/sepllm_training.py's printed table (.txt /
+    .log: `seq w kernel ms/iter speed-up ...`), a JSON list / {"rows": [...]}, or a CSV with a
+    seq column and a speedup column (or dense_ms and sepllm_ms)."""
+    if path.suffix in (".txt", ".log"):
+        found = {}
+        for line in path.read_text().splitlines():
+            m = _TABLE_ROW.match(line)
+            if m and m.group(2) != "full":  # last table wins: the summary after the per-seq ones
+                found[(int(m.group(1)), m.group(2))] = float(m.group(5))
+        return [{"seq": s, "speedup": x, "label": w} for (s, w), x in sorted(found.items())]
     if path.suffix == ".csv":
         with open(path, newline="") as f:
-            raw = list(csv.DictReader(f))
+            raw: list[dict[str, Any]] = list(csv.DictReader(f))
     else:
         data = json.loads(path.read_text())
         raw = data.get("rows", data.get("results", [])) if isinstance(data, dict) else data
@@ -172,20 +187,15 @@ def _bench_rows(path: Path) -> list[dict[str, float]]:
         if speed is None and r.get("dense_ms") and r.get("sepllm_ms"):
             speed = float(r["dense_ms"]) / float(r["sepllm_ms"])
         if seq is not None and speed is not None:
-            rows.append(
-                {
-                    "seq": float(seq),
-                    "speedup": float(speed),
-                    "label": str(r.get("window", r.get("label", ""))),
-                }
-            )
+            label = str(r.get("window", r.get("w", r.get("label", ""))))
+            rows.append({"seq": float(seq), "speedup": float(speed), "label": label})
     return rows
 
 
 def speedup(bench: Path | None, path: Path) -> str | None:
     if bench is None or not bench.is_file():
         print(
-            f"speedup.png skipped: no benchmark table ({bench or 'pass --benchmark_json'}; "
+            f"speedup.png skipped: no benchmark table ({bench or 'pass --benchmark'}; "
             "benchmarks/sepllm_training.py produces it)",
             file=sys.stderr,
         )
@@ -227,7 +237,7 @@ def plot_all(study: Path, results: dict[str, Any], bench: Path | None = None) ->
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--study", type=Path, required=True, help="run_study.py --out directory")
-    p.add_argument("--benchmark_json", type=Path, default=None)
+    p.add_argument("--benchmark", type=Path, default=None)
     args = p.parse_args(argv)
     results_file = args.study / "results.json"
     if not results_file.is_file():
@@ -236,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    for png in plot_all(args.study, json.loads(results_file.read_text()), args.benchmark_json):
+    for png in plot_all(args.study, json.loads(results_file.read_text()), args.benchmark):
         print(png)
     return 0
 
