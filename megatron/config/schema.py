@@ -235,6 +235,12 @@ class CheckpointConfig:
         "Load checkpoint files with torch.load(weights_only=False), which can run code stored "
         "in them; only for trusted files from older versions holding other objects (warns).",
     )
+    save_on_stop: bool = _f(
+        True,
+        "When SIGTERM / SIGINT stops training, save a checkpoint of the last finished step "
+        "before exiting (unless one was just saved). A save cut off by a later SIGKILL leaves "
+        "no COMPLETE marker, so `latest` still names the last complete checkpoint.",
+    )
     verify_checkpoint_checksums: bool = _f(
         True,
         "Check every file of a COMPLETE checkpoint against the checksums written with it "

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         return _main(argv)
     except Stopped as stop:
         # Exit non-zero so `timeout`, schedulers and the launcher see an interrupted run.
-        log.error("rank stopped by %s; the last complete checkpoint is kept", stop)
+        log.error("rank stopped by %s; `latest` names the last complete checkpoint", stop)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
         raise SystemExit(128 + stop.signum) from None
@@ -123,9 +123,10 @@ class _StopSignals:
 
     Before training (and on a second signal) the handler stops at once. While the loop runs it
     only records the signal: the ranks agree at the next step boundary (one all-reduce of a
-    flag per step, so all stop at the same iteration even if only one was signalled) and leave
-    between steps, never inside a step or a checkpoint save: `latest` names the last complete
-    checkpoint. The process then exits with 128 + the signal number.
+    flag per step, so all stop at the same iteration even if only one was signalled), save a
+    checkpoint of the last finished step (`checkpoint.save_on_stop`) and leave between steps,
+    never inside a step or a periodic save: `latest` names the last complete checkpoint. The
+    process then exits with 128 + the signal number.
     """
 
     def __init__(self) -> None:
@@ -157,6 +158,7 @@ def _stop_between_steps(trainer: Any, device: Any) -> None:
         flag = torch.tensor([0 if STOP.received is None else STOP.received], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if int(flag.item()):
+            trainer.save_at_stop()
             raise Stopped(int(flag.item()))
         return step(batches)
 

@@ -46,6 +46,7 @@ class Trainer:
         self.iteration = self.consumed_samples = self.n_evals = self.skipped_steps = 0
         if cfg.checkpoint.load:
             self._load()
+        self.saved_iteration = self.iteration  # a resumed step is on disk already
         self.metrics = MetricsWriter(cfg.logging, rank, config_to_dict(cfg), cfg.checkpoint.save)
         self.losses: list[float] = []  # per optimizer step, on every rank (DP-averaged)
         self.last_valid_loss: float | None = None
@@ -257,6 +258,20 @@ class Trainer:
         last = it in (self.cfg.training.train_iters, self.cfg.training.exit_interval)
         if not ck.save or (it % ck.checkpoint_factor and not last):
             return
+        self.save()
+
+    def save_at_stop(self) -> None:
+        """A checkpoint of the last finished step, for a run stopped by a signal (every rank
+        calls this; nothing happens when the step's checkpoint exists or saving is off)."""
+        ck = self.cfg.checkpoint
+        if ck.save and ck.save_on_stop and self.iteration > self.saved_iteration:
+            if self.rank == 0:
+                log.info("saving a checkpoint of iteration %d before stopping", self.iteration)
+            self.save()
+
+    def save(self) -> None:
+        """Save this iteration's checkpoint (every rank calls this)."""
+        ck, it = self.cfg.checkpoint, self.iteration
         self._check_finite_weights()
         client = {
             "iteration": it,
@@ -274,7 +289,7 @@ class Trainer:
             self.raw_configs,
             extra=self._save_universal,
         )
-        self.last_checkpoint = path
+        self.last_checkpoint, self.saved_iteration = path, it
         if self.rank == 0:
             log.info("saved checkpoint %s", path)
 

@@ -7,6 +7,7 @@ Real short runs (tiny model, many iterations) signalled once training is under w
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,13 +51,13 @@ def finish(proc: subprocess.Popen, lines: list[str]) -> tuple[int, str, float]:
     return proc.returncode, "".join(lines), time.monotonic() - start_s
 
 
-def long_run(tmp_path: Path, shakespeare) -> tuple[Path, Path]:
+def long_run(tmp_path: Path, shakespeare, checkpoint_factor: int = 2) -> tuple[Path, Path]:
     save = tmp_path / "ck"
     cfg = write_config(
         tmp_path,
         shakespeare,
         train_iters=100000,
-        checkpoint_factor=2,
+        checkpoint_factor=checkpoint_factor,
         eval_interval=0,
         save=str(save),
         keep_last_n_checkpoints=2,
@@ -82,7 +83,9 @@ def test_sigterm_to_deepy_stops_every_rank(tmp_path: Path, shakespeare) -> None:
 
 
 def test_sigint_to_a_rank_stops_between_steps(tmp_path: Path, shakespeare) -> None:
-    cfg, save = long_run(tmp_path, shakespeare)
+    """No periodic checkpoint is due: the one on disk is the stop's, of the last finished
+    step, and a resumed run continues from it."""
+    cfg, save = long_run(tmp_path, shakespeare, checkpoint_factor=100000)
     proc, lines = start(["train.py", str(cfg)]), []
     wait_for_training(proc, lines)
     proc.send_signal(signal.SIGINT)
@@ -91,5 +94,14 @@ def test_sigint_to_a_rank_stops_between_steps(tmp_path: Path, shakespeare) -> No
     assert took < BOUND_S
     assert "SIGINT received: stopping after this step" in out
     assert "rank stopped by SIGINT" in out.strip().splitlines()[-1]
+    stopped = int(re.search(r"saving a checkpoint of iteration (\d+) before stopping", out)[1])
+    assert stopped >= 3
     tag = (save / "latest").read_text().strip()
-    assert (save / tag / COMPLETE_NAME).is_file()
+    assert tag == f"global_step{stopped}" and (save / tag / COMPLETE_NAME).is_file()
+    resumed = subprocess.run(
+        [sys.executable, "train.py", str(cfg), "--set", f"train_iters={stopped + 1}",
+         "--set", f"load={save}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at iteration {stopped}," in resumed.stdout + resumed.stderr
