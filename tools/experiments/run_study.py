@@ -87,6 +87,9 @@ def run_dir(out: Path, name: str) -> Path:
 
 
 def train_iters(args: argparse.Namespace) -> int:
+    for kv in reversed(args.set):
+        if kv.split("=", 1)[0].replace("-", "_") == "train_iters":
+            return int(kv.split("=", 1)[1])
     if args.smoke:
         return int(SMOKE_SET["train_iters"])
     import yaml
@@ -109,6 +112,7 @@ def train_command(args: argparse.Namespace, name: str) -> list[str]:
     sets = {"save": save, "load": save, "metrics_jsonl": save / "metrics.jsonl"}
     if args.smoke:
         sets.update(SMOKE_SET)
+    sets.update(dict(kv.split("=", 1) for kv in args.set))  # the same for every variant
     flags = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     if args.launcher == "deepy":
         return [sys.executable, "deepy.py", "train.py", *configs, *flags]
@@ -256,12 +260,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="deepy: python deepy.py train.py (default); direct: python train.py (smoke default)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every variant's training (deepy.py --set), e.g. train_iters=320",
+    )
     p.add_argument("--force", action="store_true", help="recompute measurements and streams")
     p.add_argument(
         "--benchmark",
         type=Path,
         default=None,
-        help="speed-up table for speedup.png: benchmarks/sepllm_training.py output (.txt), JSON or CSV",
+        help="speed-up table for speedup.png: sepllm_training.py output (.txt), JSON or CSV",
     )
     args = p.parse_args(argv)
     args.launcher = args.launcher or ("direct" if args.smoke else "deepy")
@@ -282,6 +293,9 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--benchmark {args.benchmark} does not exist")
     if "vanilla" not in args.variants and {"measure", "stream"} & set(args.stages):
         log("note: without vanilla there is no training-free case")
+    bad = [kv for kv in args.set if "=" not in kv]
+    if bad:
+        raise ValueError(f"--set expects KEY=VALUE, got {bad}")
     if args.out.exists() and not args.out.is_dir():
         raise NotADirectoryError(f"--out {args.out} is a file")
 
@@ -290,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_inputs(args)
-    except (FileNotFoundError, NotADirectoryError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"run_study.py: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
