@@ -276,6 +276,9 @@ def main() -> None:
     p.add_argument("--kernel", default="auto", help="sepllm.attention_kernel of the SepLLM runs")
     p.add_argument("--plot", default="/tmp/sepllm_training_speedup.png", help="PNG path")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: the trainer's own)"
+    )
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -283,6 +286,9 @@ def main() -> None:
         probe(args.seq[0], args.windows[0], args.kernel)
         return
     tuned = tune_host_allocator()  # as train.py does (megatron/training/main.py)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before init_distributed reads it
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, allocator {tuned}")
     runs: list[Run] = []
     for seq in args.seq:  # rows as each length finishes (a long run shows progress)
