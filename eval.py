@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=float, default=None, help="documents per task (or fraction)")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--bootstrap_iters", type=int, default=100000, help="0 = no stderr")
     p.add_argument("--include_path", nargs="*", default=[], help="more task YAML directories")
     return p.parse_args(argv)
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch_size=args.batch_size,
         device=args.device,
         include_paths=args.include_path,
+        bootstrap_iters=args.bootstrap_iters,
     )
     results["eval_seconds"] = time.perf_counter() - t0
     show(results)

@@ -62,15 +62,23 @@ def parse_model_args(text: str | None) -> dict[str, Any]:
     return out
 
 
-def task_manager(include_paths: list[str], tmp: str) -> Any:
+def task_manager(tasks: list[str], include_paths: list[str], tmp: str) -> Any:
+    """Only the local task directories when they hold every requested task (indexing
+    lm-eval's ~10k built-in YAMLs costs seconds per call), else the built-in ones too."""
     from lm_eval.tasks import TaskManager
 
     if not DATA_FILE.is_file():
         raise FileNotFoundError(
             f"{DATA_FILE} is missing: python tools/eval/make_lambada_task.py builds it"
         )
-    local = resolved_task_dir(Path(tmp) / "tasks")
-    return TaskManager(include_path=[str(local), *include_paths])
+    paths = [str(resolved_task_dir(Path(tmp) / "tasks")), *include_paths]
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=paths)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; local tasks: {local_task_names()}")
+    return manager
 
 
 def evaluate(
@@ -82,6 +90,7 @@ def evaluate(
     batch_size: int = 1,
     device: str = "cpu",
     include_paths: list[str] | None = None,
+    bootstrap_iters: int = 100000,
 ) -> dict[str, Any]:
     """simple_evaluate over `tasks`; returns lm-eval's results dict (without samples)."""
     # lm-eval imports its built-in backends (hf, ...) lazily, only while its registry is
@@ -93,10 +102,7 @@ def evaluate(
     import megatron.hf.sepllm_attention  # noqa: F401  registers attn_implementation="sepllm"
 
     with tempfile.TemporaryDirectory() as tmp:
-        manager = task_manager(include_paths or [], tmp)
-        unknown = [t for t in tasks if t not in manager.all_tasks]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; local tasks: {local_task_names()}")
+        manager = task_manager(tasks, include_paths or [], tmp)
         results = lm_eval.simple_evaluate(
             model=model,
             model_args=model_args,
@@ -107,6 +113,7 @@ def evaluate(
             device=device,
             task_manager=manager,
             log_samples=False,
+            bootstrap_iters=bootstrap_iters,
         )
     if results is None:
         raise RuntimeError("lm_eval returned no results")
