@@ -64,6 +64,9 @@ def test_every_run_trained_and_measured(study: Path) -> None:
     assert sparse["streamingllm_w"]["density"] < sparse["sepllm_w"]["density"]
     assert sparse["sepllm_w"]["density"] < sparse["sepllm_2w"]["density"] < 1.0
     assert sparse["sepllm_w"]["density"] < sparse["sepllm_ht"]["density"] < 1.0
+    assert set(results["lmeval"]) == set(VARIANTS)  # eval.py's task on every run
+    for name, r in results["lmeval"].items():
+        assert 0.0 <= r["acc,none"] <= 1.0 and math.isfinite(r["perplexity,none"]), name
     free = results["training_free"]
     for key in ("sepllm_w", "sepllm_2w", "streamingllm_w"):
         assert math.isfinite(free[key]["valid_ppl"]) and free[key]["valid_ppl"] > 1.0
@@ -95,7 +98,8 @@ def test_report_and_plots(study: Path) -> None:
     from matplotlib.image import imread
 
     md = (study / "results.md").read_text()
-    for heading in ("## Training", "## Training-free", "## Streaming perplexity", "## Plots"):
+    headings = ("## Training", "## lm-eval", "## Training-free", "## Streaming", "## Plots")
+    for heading in headings:
         assert heading in md
     for name, (w, h) in PNG_SIZES.items():
         img = imread(study / "plots" / name)

@@ -52,8 +52,14 @@ def collect(out: Path, variants: list[str]) -> dict[str, Any]:
             for k in ("model", "cache", "shift", "init", "sep", "local", "capacity")
         }
         streams[d.parent.name]["lengths"] = lengths
+    lmeval = {}
+    for v in variants:
+        r = _load(out / "results" / f"{v}.lmeval.json")
+        if r is not None:
+            lmeval[v] = r["results"]["shakespeare_lambada"]
     return {
         "runs": runs,
+        "lmeval": lmeval,
         "training_free": _load(out / "results" / "training_free.json"),
         "streaming": streams,
     }
@@ -90,6 +96,18 @@ def runs_table(results: dict[str, Any]) -> list[str]:
             f"{_f(times.get(f'train/{name}'), 0)} |"
         )
     return rows
+
+
+def lmeval_table(results: dict[str, Any]) -> list[str]:
+    rows = [
+        "| model | LAMBADA-style acc | LAMBADA-style ppl |",
+        "|---|---|---|",
+    ]
+    for name, r in results.get("lmeval", {}).items():
+        rows.append(
+            f"| {LABELS.get(name, name)} | {r['acc,none']:.3f} | {r['perplexity,none']:.1f} |"
+        )
+    return rows if len(rows) > 2 else []
 
 
 def training_free_table(results: dict[str, Any]) -> list[str]:
@@ -147,6 +165,9 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
         "",
         "## Training (validation at the training length)",
         *runs_table(results),
+        "",
+        "## lm-eval: shakespeare_lambada (0-shot, held-out passages; eval.py)",
+        *lmeval_table(results),
         "",
         "## Training-free",
         *training_free_table(results),

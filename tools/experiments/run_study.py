@@ -14,6 +14,7 @@ Stages (`--stages`, default all, in this order):
             metrics.jsonl; training-free SepLLM / StreamingLLM attention on the vanilla model.
   stream    streaming perplexity over a held-out stream (>= 8x seq_length) with SepCache,
             sink and full caches at equal budget, with and without positional shift.
+  lmeval    eval.py's LAMBADA-style task (shakespeare_lambada, 0-shot) on every run.
   report    results.json, results.md and the PNGs of tools/plots/study_plots.py.
 Every result file is written atomically and is the stage's "done" marker, so an
 interrupted study reruns only what is missing (`--force` redoes the measurements).
@@ -35,10 +36,11 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent), str(ROOT / "too
 
 from megatron.common.files import atomic_write_text  # noqa: E402
 
+LMEVAL_TASK = "shakespeare_lambada"
 CONFIG_DIR = ROOT / "configs" / "experiments"
 BASE = "base.yml"
 VARIANTS = ("vanilla", "streamingllm_w", "sepllm_w", "sepllm_2w", "sepllm_ht")
-STAGES = ("train", "convert", "measure", "stream", "report")
+STAGES = ("train", "convert", "measure", "stream", "lmeval", "report")
 
 # The smoke study: same configs, a model and stream small enough for CI (seconds per stage).
 SMOKE_SET = {
@@ -230,6 +232,35 @@ def stage_stream(args: argparse.Namespace, clock: Clock) -> None:
         )
 
 
+def stage_lmeval(args: argparse.Namespace, clock: Clock) -> None:
+    """eval.py's local LAMBADA-style task (0-shot) on every run: python eval.py
+    --model_name_or_path <ckpt> --tasks shakespeare_lambada, here in one process."""
+    from megatron.eval.harness import evaluate
+
+    for name in args.variants:
+        path = args.out / "results" / f"{name}.lmeval.json"
+        if path.is_file() and not args.force:
+            log(f"lmeval {name}: done already")
+            continue
+        t0 = time.perf_counter()
+        limit = 8 if args.smoke else None
+        res = evaluate(
+            "sepneox",
+            {"path": str(run_dir(args.out, name))},
+            [LMEVAL_TASK],
+            num_fewshot=0,
+            limit=limit,
+            bootstrap_iters=1000,
+        )
+        cached_json(path, True, lambda r=res: {"results": r["results"], "n": r["n-samples"]})
+        clock.record(f"lmeval/{name}", time.perf_counter() - t0)
+        r = res["results"][LMEVAL_TASK]
+        log(
+            f"lmeval {name}: acc {r['acc,none']:.3f} ppl {r['perplexity,none']:.1f} "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
+
+
 def stage_report(args: argparse.Namespace, clock: Clock) -> None:
     import report
 
@@ -314,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "convert": stage_convert,
         "measure": stage_measure,
         "stream": stage_stream,
+        "lmeval": stage_lmeval,
         "report": stage_report,
     }
     log(
