@@ -25,8 +25,10 @@ GQA: a kv head's dk / dv program loops over the H / Hkv query heads that share i
 
 Loads use the tensors' dtypes (fp32, bf16, fp16); dot products accumulate in fp32 (fp32
 inputs with IEEE precision, not TF32, so the result matches the fp32 reference). Runs on CUDA,
-and on CPU under TRITON_INTERPRET=1 (the tests). Tile sizes are untuned (no GPU was lent
-when this was written): `BLOCK_M` / `BLOCK_N` are module constants for the benchmark to tune.
+and on CPU under TRITON_INTERPRET=1 (the tests; there the dots multiply the same rounded
+operands converted to fp32, since the interpreter's bf16 tl.dot is wrong in Triton 3.7).
+Tile sizes are untuned (no GPU was lent when this was written): `BLOCK_M` / `BLOCK_N` are
+module constants for the benchmark to tune.
 
 Contract: the aligned training layout only, no dropout (select_kernel routes the rest).
 """
@@ -42,10 +44,10 @@ import triton
 import triton.language as tl
 
 from megatron.sepllm.info import KeptSet
+from megatron.sepllm.kernels import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM  # select_kernel's too
 
 BLOCK_M = 64  # queries per program
 BLOCK_N = 64  # keys per inner step (window blocks and far-list blocks)
-MAX_HEAD_DIM = 256  # one [BLOCK, D] tile in registers
 NUM_WARPS = 4
 NUM_STAGES = 2
 LOG2E = 1.4426950408889634
