@@ -160,14 +160,17 @@ def attention_pattern(study: Path, path: Path, window: int = 8) -> str:
     return _save(fig, path)
 
 
-_TABLE_ROW = re.compile(r"^\s*(\d+)\s+(full|\d+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)x")
+# A row of the printed table, or of its markdown copy in docs/benchmarks.md (`| 2048 | 64 |`).
+_TABLE_ROW = re.compile(
+    r"^\|?\s*(\d+)\s*\|?\s+(full|\d+)\s*\|?\s+(\S+)\s*\|?\s+([\d.]+)\s*\|?\s+([\d.]+)x"
+)
 
 
 def _bench_rows(path: Path) -> list[dict[str, Any]]:
     """Rows {seq, speedup, label}: from benchmarks/sepllm_training.py's printed table (.txt /
     .log: `seq w kernel ms/iter speed-up ...`), a JSON list / {"rows": [...]}, or a CSV with a
     seq column and a speedup column (or dense_ms and sepllm_ms)."""
-    if path.suffix in (".txt", ".log"):
+    if path.suffix in (".txt", ".log", ".md"):
         found = {}
         for line in path.read_text().splitlines():
             m = _TABLE_ROW.match(line)
@@ -208,11 +211,14 @@ def speedup(bench: Path | None, path: Path) -> str | None:
     for label in sorted({r["label"] for r in rows}):
         pts = sorted((r["seq"], r["speedup"]) for r in rows if r["label"] == label)
         ax.plot(*zip(*pts, strict=True), "o-", label=f"w={label}" if label else None)
+    seqs = sorted({int(r["seq"]) for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(seqs, [str(x) for x in seqs])
+    ax.minorticks_off()
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set(
         xlabel="sequence length",
         ylabel="speed-up vs dense causal",
-        xscale="log",
         title="SepLLM training step speed-up",
     )
     if any(r["label"] for r in rows):
