@@ -35,7 +35,7 @@ import torch
 from megatron.config.schema import SepLLMConfig
 from megatron.data.tokenizers import tokenizer_for_file
 from megatron.sepllm.info import KeptSet, build_kept_set, dense_keep_mask
-from megatron.sepllm.kernels import flex_available, get_kernel, select_kernel
+from megatron.sepllm.kernels import flex_available, get_kernel, select_kernel, triton_available
 from megatron.sepllm.kernels.compact import _build_plan
 from megatron.sepllm.separators import separator_ids
 from megatron.sepllm.stats import kept_stats
@@ -224,6 +224,7 @@ def chosen(name: str, S: int, w: int, D: int, dev: torch.device) -> str:
         head_dim=D,
         dropout_p=0.0,
         flex_available=flex_available(),
+        triton_available=triton_available(dev.type),
         mode="sepllm",
     )
 

@@ -42,7 +42,7 @@ import torch
 from megatron.config.loader import load_config
 from megatron.data.bundled import prepare_bundled_data
 from megatron.sepllm.info import build_kept_set
-from megatron.sepllm.kernels import flex_available, select_kernel
+from megatron.sepllm.kernels import flex_available, select_kernel, triton_available
 from megatron.sepllm.stats import kept_stats
 from megatron.training.distributed import init_distributed
 from megatron.training.host_memory import tune_host_allocator
@@ -111,6 +111,7 @@ def kernel_name(trainer: Trainer) -> str:
         head_dim=cfg.model.head_dim,
         dropout_p=0.0,
         flex_available=flex_available(),
+        triton_available=triton_available(trainer.device.type),
         mode=cfg.sepllm.mode,
     )
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from megatron.config.schema import SepLLMConfig
 from megatron.sepllm.info import KeptSet, build_kept_set
-from megatron.sepllm.kernels import flex_available, get_kernel, select_kernel
+from megatron.sepllm.kernels import flex_available, get_kernel, select_kernel, triton_available
 
 NAME = "sepllm"
 Tensor = torch.Tensor
@@ -150,6 +150,7 @@ def sepllm_attention(
         head_dim=d,
         dropout_p=dropout,
         flex_available=flex_available(),
+        triton_available=triton_available(query.device.type),
         mode=state.sep.mode,
         aligned=kept.aligned,
     )

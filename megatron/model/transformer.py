@@ -33,7 +33,13 @@ from megatron.parallel.layers import (
     param_init_roles,
 )
 from megatron.sepllm.info import KeptSet, build_kept_set
-from megatron.sepllm.kernels import AttentionKernel, flex_available, get_kernel, select_kernel
+from megatron.sepllm.kernels import (
+    AttentionKernel,
+    flex_available,
+    get_kernel,
+    select_kernel,
+    triton_available,
+)
 
 
 @dataclass
@@ -93,6 +99,7 @@ class Block(nn.Module):
             window=self.window,
             head_dim=self.attn.head_dim,
             flex_available=flex_available(),
+            triton_available=triton_available(device.type),
             mode=self.sep.mode,
             aligned=kept is None or kept.aligned,
         )

@@ -183,9 +183,9 @@ def select_kernel(
     head_dim: int,
     dropout_p: float,
     flex_available: bool,
+    triton_available: bool,
     mode: str,
     aligned: bool = True,
-    triton_available: bool | None = None,
 ) -> str:
     """Name of the kernel that runs one layer (a key of KERNELS); pure.
 
@@ -194,11 +194,10 @@ def select_kernel(
     q_len, kv_len  queries and keys of the call (equal in the aligned training layout)
     window, head_dim, dropout_p   the layer's window, head dim and attention dropout
     flex_available whether FlexAttention imports (`flex_available()`)
+    triton_available  whether the triton kernel can run on this device
+                   (`triton_available(device_type)`)
     mode           sepllm.mode ('full' has no kept set)
     aligned        the kept set's layout is the training one (KeptSet.aligned)
-    triton_available  whether the triton kernel can run on this device
-                   (`triton_available(device_type)`); None asks that function (the one
-                   non-pure default, for callers written before the triton kernel)
 
     Rules, in order: full mode or a window covering the sequence -> causal; an explicit
     request for flex / triton that cannot run here raises; an explicit causal / dense request
@@ -220,8 +219,6 @@ def select_kernel(
         )
     if requested == "flex" and not flex_available:
         raise ValueError("attention kernel 'flex' needs torch.nn.attention.flex_attention")
-    if triton_available is None:
-        triton_available = _triton_available_on(device_type)
     if requested == "triton" and not triton_available:
         raise ValueError(
             f"attention kernel 'triton' cannot run on {device_type!r}: it needs the triton "
@@ -256,9 +253,6 @@ def select_kernel(
     if kv_len <= DENSE_BELOW_WINDOW_RATIO * window and kv_len <= DENSE_MAX_SEQ:
         return "dense"
     return "compact"
-
-
-_triton_available_on = triton_available  # select_kernel's argument shadows the function
 
 
 def _auto_cuda(device_type: str, kv_len: int, head_dim: int, flex: bool, triton: bool) -> str:
