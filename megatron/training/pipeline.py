@@ -68,7 +68,8 @@ def _tied_head(tp: TensorParallel):
     return forward
 
 
-TIED = "embed"  # the tied embedding's key: its parameters are `tied_modules.embed.*`
+TIED = "embed"  # the tied embedding's key in DeepSpeed's PipelineModule.tied_modules
+TIED_PREFIX = f"tied_modules.{TIED}."  # the prefix of its parameters' names
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def pipe_prefixes(cfg: Config) -> dict[str, str]:
     out = {}
     for index, p in enumerate(pieces(cfg, SINGLE)):
         if p.source:
-            outer = f"tied_modules.{TIED}." if p.tied else f"{index}."
+            outer = TIED_PREFIX if p.tied else f"{index}."
             out[p.source] = outer + p.cls.WRAPS
     return out
 

@@ -17,7 +17,7 @@ from megatron.parallel.layers import TensorParallel, param_layouts, vocab_parall
 from megatron.parallel.sharding import shard_state
 from megatron.parallel.topology import Parallelism
 from megatron.training.batches import split_batch
-from megatron.training.pipeline import build_pipeline, load_from_full
+from megatron.training.pipeline import TIED_PREFIX, build_pipeline, load_from_full
 from megatron.training.setup import build_engine, build_model
 
 Batches = Iterator[torch.Tensor]  # [B, S+1] token windows of this rank
@@ -155,7 +155,7 @@ class PipelineSteps:
         )
         load_from_full(pipe, state, cfg)
         last = par.pp_rank == par.pp_size - 1
-        mark_norm_owners(pipe, par, "tied_modules." if last and par.pp_size > 1 else "")
+        mark_norm_owners(pipe, par, TIED_PREFIX if last and par.pp_size > 1 else "")
         # The pipeline module brings its own grid (built from the same topology) as mpu.
         self.engine, self.scheduler = build_engine(cfg, pipe, None)
         self.norms = NormRecorder(self.engine)
