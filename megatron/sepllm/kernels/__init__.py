@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -68,19 +69,6 @@ def flex_available() -> bool:
     return True
 
 
-def _flex_entry(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    window: int,
-    kept: KeptSet | None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Registry entry of the flex kernel: imports kernels/flex.py on the first call."""
-    return _load_flex()(q, k, v, window=window, kept=kept, dropout_p=dropout_p)
-
-
 def _load_triton() -> AttentionKernel:
     """kernels/triton_sep.py's kernel (a lazy import: Triton is optional and slow to import)."""
     from megatron.sepllm.kernels.triton_sep import triton_kernel
@@ -105,26 +93,30 @@ def _triton_imports() -> bool:
     return True
 
 
-def _triton_entry(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    window: int,
-    kept: KeptSet | None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Registry entry of the triton kernel: imports kernels/triton_sep.py on the first call
-    (the kernel itself refuses devices it cannot run on)."""
-    return _load_triton()(q, k, v, window=window, kept=kept, dropout_p=dropout_p)
+def _lazy_entry(load: Callable[[], AttentionKernel]) -> AttentionKernel:
+    """A registry entry that imports its kernel's module on the first call (the kernel itself
+    refuses devices it cannot run on)."""
+
+    def entry(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        window: int,
+        kept: KeptSet | None,
+        dropout_p: float = 0.0,
+    ) -> torch.Tensor:
+        return load()(q, k, v, window=window, kept=kept, dropout_p=dropout_p)
+
+    return entry
 
 
 KERNELS: dict[str, AttentionKernel] = {
     "causal": causal_kernel,
     "dense": dense_kernel,
     "compact": compact_kernel,
-    "flex": _flex_entry,
-    "triton": _triton_entry,
+    "flex": _lazy_entry(_load_flex),
+    "triton": _lazy_entry(_load_triton),
 }
 AUTO = "auto"  # not a kernel: asks select_kernel for the fastest measured one
 

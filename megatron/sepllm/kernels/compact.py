@@ -42,6 +42,7 @@ import torch
 
 from megatron.sepllm.info import KeptSet
 from megatron.sepllm.kernels.parts import part_backward, part_forward
+from megatron.sepllm.kernels.training_layout import require_training_layout, require_window
 
 # Query group of the separator part. torch's CPU flash op tiles queries by 256 only when a call
 # has >= 768 queries (else by 64 or 32, measured ~10% slower per pair here), so groups hold at
@@ -333,15 +334,9 @@ def compact_kernel(
     """The aligned training layout only (queries and keys at positions 0..S-1), without
     dropout; `select_kernel` sends every other call elsewhere."""
     B, H, S, D = q.shape
-    if kept is None or not kept.aligned or kept.kv_len != S or k.shape[2] != S:
-        raise ValueError(
-            "compact kernel: needs the aligned kept set of this batch (training layout); "
-            "full attention and decode steps go to the causal / dense kernels"
-        )
-    if dropout_p > 0.0:  # attention-probability dropout needs the full probability tiles
-        raise ValueError("compact kernel: no attention dropout; the dense kernel has it")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    # attention-probability dropout would need the full probability tiles
+    kept = require_training_layout("compact", q, k, kept, dropout_p)
+    require_window(window)
     if k.shape[1] != H:  # expand outside the Function (BSHD layout): autograd sums the groups
         k, v = _expand_kv(k, H), _expand_kv(v, H)
     plan = kept.window_cache(

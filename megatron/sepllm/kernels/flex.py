@@ -28,6 +28,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from megatron.sepllm.info import KeptSet
+from megatron.sepllm.kernels.training_layout import require_training_layout
 
 _compiled_flex: Callable[..., Any] | None = None
 
@@ -76,14 +77,7 @@ def flex_kernel(
     kept: KeptSet | None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:  # [B, H, S, D]
-    S = q.shape[2]
-    if kept is None or not kept.aligned or kept.kv_len != S or k.shape[2] != S:
-        raise ValueError(
-            "flex kernel: needs the aligned kept set of this batch (training layout); "
-            "full attention and decode steps go to the causal / dense kernels"
-        )
-    if dropout_p > 0.0:
-        raise ValueError("flex kernel: flex_attention has no dropout; the dense kernel has it")
+    kept = require_training_layout("flex", q, k, kept, dropout_p, "flex_attention has no dropout")
     gqa = k.shape[1] != q.shape[1]
     block_mask = kept.window_cache(
         ("flex", window, q.device), lambda: build_block_mask(kept, window, q.device)

@@ -45,6 +45,7 @@ import triton.language as tl
 
 from megatron.sepllm.info import KeptSet
 from megatron.sepllm.kernels import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM  # select_kernel's too
+from megatron.sepllm.kernels.training_layout import require_training_layout, require_window
 
 BLOCK_M = 64  # queries per program
 BLOCK_N = 64  # keys per inner step (window blocks and far-list blocks)
@@ -380,15 +381,8 @@ def triton_kernel(
 ) -> torch.Tensor:  # [B, H, S, D]
     """The aligned training layout only, without dropout; `select_kernel` routes the rest."""
     B, H, S, D = q.shape
-    if kept is None or not kept.aligned or kept.kv_len != S or k.shape[2] != S:
-        raise ValueError(
-            "triton kernel: needs the aligned kept set of this batch (training layout); "
-            "full attention and decode steps go to the causal / dense kernels"
-        )
-    if dropout_p > 0.0:
-        raise ValueError("triton kernel: no attention dropout; the dense kernel has it")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    kept = require_training_layout("triton", q, k, kept, dropout_p)
+    require_window(window)
     if H % k.shape[1] or v.shape != k.shape:
         raise ValueError(f"kv heads must divide query heads, got q {q.shape} k {k.shape}")
     if D > MAX_HEAD_DIM or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
