@@ -15,6 +15,18 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The smallest config the loader accepts, for tests of config handling that build no model.
+MINIMAL_CONFIG = {
+    "num_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "seq_length": 32,
+    "train_micro_batch_size_per_gpu": 2,
+    "train_iters": 10,
+    "data_path": "data/x",
+}
+
+
 @pytest.fixture(scope="session")
 def shakespeare(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """(data prefix, tokenizer.json) of the bundled corpus, built with a small vocabulary."""

@@ -11,20 +11,11 @@ from megatron.config import ConfigError, finalize, load_config, validate
 from megatron.config.loader import build_config, config_to_dict, field_index, merge_sources
 from megatron.config.reference import render
 from megatron.config.schema import ModelConfig
-
-BASE = {
-    "num_layers": 2,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "seq_length": 32,
-    "train_micro_batch_size_per_gpu": 2,
-    "train_iters": 10,
-    "data_path": "data/x",
-}
+from tests.conftest import MINIMAL_CONFIG
 
 
 def cfg_from(**kw):
-    return build_config(merge_sources([("test", {**BASE, **kw})]))
+    return build_config(merge_sources([("test", {**MINIMAL_CONFIG, **kw})]))
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

@@ -20,16 +20,7 @@ from megatron.data import bundled
 from megatron.data.builder import build_train_valid_test_datasets
 from megatron.data.indexed_dataset import DataError, IndexedDatasetBuilder
 from megatron.launch import deepy
-
-BASE = {
-    "num_layers": 2,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "seq_length": 32,
-    "train_micro_batch_size_per_gpu": 2,
-    "train_iters": 10,
-    "data_path": "data/x",
-}
+from tests.conftest import MINIMAL_CONFIG
 
 
 def tiny_dataset(tmp_path: Path, docs: int = 3) -> str:
@@ -60,14 +51,14 @@ def test_mistyped_data_path_with_prepare_data_writes_nothing(tmp_path: Path) -> 
 def test_neox_precision_sub_keys_are_refused_by_name(kind: str) -> None:
     block = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "hysteresis": 2}
     with pytest.raises(ConfigError) as err:
-        build_config(merge_sources([("neox.yml", {**BASE, kind: block})]))
+        build_config(merge_sources([("neox.yml", {**MINIMAL_CONFIG, kind: block})]))
     msg = str(err.value)
     assert f"NeoX {kind} sub-keys hysteresis, initial_scale_power, loss_scale" in msg
     assert "deepspeed_extra" in msg
 
 
 def test_plain_precision_flag_still_maps() -> None:
-    cfg = build_config(merge_sources([("neox.yml", {**BASE, "bf16": {"enabled": True}})]))
+    cfg = build_config(merge_sources([("neox.yml", {**MINIMAL_CONFIG, "bf16": {"enabled": True}})]))
     assert cfg.training.precision == "bfloat16"
 
 
@@ -83,6 +74,8 @@ def test_busy_master_port_found_before_the_corpus_build(
         busy.listen()
         port = busy.getsockname()[1]
         cfg = tmp_path / "c.yml"
-        cfg.write_text(yaml.safe_dump({**BASE, "master_port": port, "prepare_data": "shakespeare"}))
+        cfg.write_text(
+            yaml.safe_dump({**MINIMAL_CONFIG, "master_port": port, "prepare_data": "shakespeare"})
+        )
         assert deepy.main(["train.py", str(cfg)]) == 2
     assert f"master_port {port} is in use on this host" in capsys.readouterr().err

@@ -19,16 +19,7 @@ import yaml
 from megatron.config.loader import build_config, merge_sources
 from megatron.config.validate import finalize
 from megatron.training import checkpoint, preflight
-from tests.conftest import run_cli, write_config
-
-BASE = {
-    "num_layers": 2,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "seq_length": 32,
-    "train_micro_batch_size_per_gpu": 2,
-    "train_iters": 10,
-}
+from tests.conftest import MINIMAL_CONFIG, run_cli, write_config
 
 
 def make_cfg(tmp_path: Path, **kw):
@@ -36,7 +27,9 @@ def make_cfg(tmp_path: Path, **kw):
     prefix.parent.mkdir(exist_ok=True)
     for suffix in (".bin", ".idx"):
         Path(f"{prefix}{suffix}").write_bytes(b"")
-    cfg = build_config(merge_sources([("test", {**BASE, "data_path": str(prefix), **kw})]))
+    cfg = build_config(
+        merge_sources([("test", {**MINIMAL_CONFIG, "data_path": str(prefix), **kw})])
+    )
     return finalize(cfg, 1, 1024)
 
 

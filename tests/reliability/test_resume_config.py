@@ -20,20 +20,11 @@ from megatron.config.loader import build_config, config_to_dict, merge_sources
 from megatron.config.validate import finalize
 from megatron.training import preflight
 from megatron.training.checkpoint import COMPLETE, TRAINER_STATE
-from tests.conftest import run_cli, write_config
-
-BASE = {
-    "num_layers": 2,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "seq_length": 32,
-    "train_micro_batch_size_per_gpu": 2,
-    "data_path": "data/x",
-}
+from tests.conftest import MINIMAL_CONFIG, run_cli, write_config
 
 
 def cfg(vocab: int = 1024, **kw):
-    return finalize(build_config(merge_sources([("test", {**BASE, **kw})])), 1, vocab)
+    return finalize(build_config(merge_sources([("test", {**MINIMAL_CONFIG, **kw})])), 1, vocab)
 
 
 def fake_checkpoint(root: Path, vocab: int = 1024) -> Path:
