@@ -78,10 +78,6 @@ def _from_universal(path: Path) -> dict[str, Tensor] | None:
     return {name: entry["param"] for name, entry in full.items()}
 
 
-def _tp_size(cfg: Config) -> int:
-    return cfg.parallel.model_parallel_size
-
-
 def _merge_tp(shards: list[dict[str, Tensor]], cfg: Config) -> dict[str, Tensor]:
     """One full state dict from the tensor-parallel ranks' state dicts (rank order)."""
     if len(shards) == 1:
@@ -113,8 +109,9 @@ def _from_zero(path: Path, cfg: Config) -> dict[str, Tensor]:
     model_pattern = "zero_pp_rank_*_mp_rank_{tp:02d}_model_states.pt" if stage3 else (
         "mp_rank_{tp:02d}_model_states.pt"
     )  # fmt: skip
-    optim = _rank_files(path, "zero_pp_rank_*_mp_rank_{tp:02d}_optim_states.pt", _tp_size(cfg))
-    models = _rank_files(path, model_pattern, _tp_size(cfg))
+    tp = cfg.parallel.model_parallel_size
+    optim = _rank_files(path, "zero_pp_rank_*_mp_rank_{tp:02d}_optim_states.pt", tp)
+    models = _rank_files(path, model_pattern, tp)
     shards = []
     for files in (m + o for m, o in zip(models, optim, strict=True)):
         with tempfile.TemporaryDirectory(prefix="zero_to_fp32_") as tmp:
@@ -135,7 +132,7 @@ def _from_layer_files(path: Path, cfg: Config) -> dict[str, Tensor]:
     """A pipeline's module weights: one file per (piece, tensor-parallel rank), whose keys are
     the piece's own (a tied head has no file of its own)."""
     shards = []
-    for tp in range(_tp_size(cfg)):
+    for tp in range(cfg.parallel.model_parallel_size):
         state: dict[str, Tensor] = {}
         for index, (source, wraps) in enumerate(piece_sources(cfg.model)):
             file = path / f"layer_{index:02d}-model_{tp:02d}-model_states.pt"
@@ -150,7 +147,8 @@ def _from_layer_files(path: Path, cfg: Config) -> dict[str, Tensor]:
 
 
 def _from_model_states(path: Path, cfg: Config) -> dict[str, Tensor]:
-    files = [path / f"mp_rank_{r:02d}_model_states.pt" for r in range(_tp_size(cfg))]
+    tp = cfg.parallel.model_parallel_size
+    files = [path / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointRefused(f"{path} lacks {', '.join(missing)}")
