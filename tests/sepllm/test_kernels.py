@@ -51,6 +51,20 @@ def reference_attention(q, k, v, keep):
     return (torch.softmax(s, -1) @ v.double()).float()
 
 
+def case_config(kind: str, a: int, w: int, padded: bool) -> tuple[list[int], SepLLMConfig]:
+    """Separator ids and the sepllm section of a synthetic case (`kind` as in make_ids)."""
+    seps = [] if kind == "none" else [SEP, PAD]  # the pad id is a separator id too (GPT-2 "!")
+    cfg = SepLLMConfig(
+        mode="streamingllm" if kind == "none" else "sepllm",
+        separator_token_ids=seps,
+        init_tokens=a,
+        local_window=w,
+        pad_token_id=PAD,
+        batch_adaptive_init_pos=padded,
+    )
+    return seps, cfg
+
+
 def make_ids(B: int, S: int, sep_kind: str, gen: torch.Generator) -> tuple[torch.Tensor, bool]:
     """Token ids in [4, 20) with separators (id 3) per `sep_kind`; returns (ids, left padded)."""
     ids = torch.randint(4, 20, (B, S), generator=gen)
@@ -100,15 +114,7 @@ def _prepare(case, kernel, monkeypatch):
     B, H, Hkv, S, D, w, a, kind = case
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     ids, padded = make_ids(B, S, kind, gen)
-    seps = [] if kind == "none" else [SEP, PAD]  # the pad id is a separator id too (GPT-2 "!")
-    cfg = SepLLMConfig(
-        mode="streamingllm" if kind == "none" else "sepllm",
-        separator_token_ids=seps,
-        init_tokens=a,
-        local_window=w,
-        pad_token_id=PAD,
-        batch_adaptive_init_pos=padded,
-    )
+    seps, cfg = case_config(kind, a, w, padded)
     keep = reference_keep(ids, seps, a, w, padded)
     q = torch.randn(B, H, S, D, generator=gen)
     k = torch.randn(B, Hkv, S, D, generator=gen)

@@ -23,7 +23,14 @@ import torch
 from megatron.config.schema import SepLLMConfig
 from megatron.sepllm.info import build_kept_set
 from megatron.sepllm.kernels import get_kernel
-from tests.sepllm.test_kernels import PAD, SEP, make_ids, reference_attention, reference_keep
+from tests.sepllm.test_kernels import (
+    PAD,
+    SEP,
+    case_config,
+    make_ids,
+    reference_attention,
+    reference_keep,
+)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -96,15 +103,7 @@ def _inputs(case):
     B, H, Hkv, S, D, w, a, kind, dtype, _ = case
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     ids, padded = make_ids(B, S, kind, gen)
-    seps = [] if kind == "none" else [SEP, PAD]  # the pad id is a separator id too
-    cfg = SepLLMConfig(
-        mode="streamingllm" if kind == "none" else "sepllm",
-        separator_token_ids=seps,
-        init_tokens=a,
-        local_window=w,
-        pad_token_id=PAD,
-        batch_adaptive_init_pos=padded,
-    )
+    seps, cfg = case_config(kind, a, w, padded)
     dt = getattr(torch, dtype)
     tensors = [
         torch.randn(B, S, n, D, generator=gen).to(dt).transpose(1, 2) for n in (H, Hkv, Hkv, H)
