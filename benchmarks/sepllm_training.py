@@ -73,6 +73,10 @@ class Run:
     ref_diff: float = float("nan")  # largest relative loss difference vs the dense reference
     peak_mb: float = float("nan")
 
+    @property
+    def label(self) -> str:
+        return "full" if self.window == 0 else f"w{self.window}"
+
 
 def make_trainer(seq: int, window: int, kernel: str) -> Trainer:
     """Trainer of the tiny model at `seq`: full attention (window 0) or SepLLM."""
@@ -162,7 +166,8 @@ def bench_seq(seq: int, args: argparse.Namespace) -> list[Run]:
             wall, cpu = train(run, args.iters)
             run.times.append(wall)
             run.cpu_times.append(cpu)
-        print(f"  seq {seq} round {r + 1}/{args.rounds} done", flush=True)
+        times = ", ".join(f"{run.label} {1e3 * run.times[-1]:.0f}" for run in runs)
+        print(f"  seq {seq} round {r + 1}/{args.rounds} ms/iter: {times}", flush=True)
     n_batches = args.loss_steps + args.rounds * args.iters
     for run in runs[1:]:
         measure_kept(run, n_batches)

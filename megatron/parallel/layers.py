@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.parallel.cross_entropy import chunked_cross_entropy
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -274,39 +276,9 @@ class VocabParallelEmbedding(nn.Embedding, DeclaresParams):
         return reduce_from_tp(out, self.tp)
 
 
-class _VocabParallelCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, start: int, group: object):
-        # logits [N, V/tp] float32, labels [N] global ids -> per-token loss [N]
-        logits_max = logits.max(dim=-1).values
-        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - logits_max[:, None]
-        local = labels - start
-        outside = (local < 0) | (local >= logits.shape[-1])
-        idx = local.masked_fill(outside, 0)
-        target = shifted.gather(1, idx[:, None]).squeeze(1).masked_fill(outside, 0.0)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        dist.all_reduce(target, group=group)
-        dist.all_reduce(sum_exp, group=group)
-        ctx.save_for_backward(exp / sum_exp[:, None], idx, outside)
-        return sum_exp.log() - target
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        softmax, idx, outside = ctx.saved_tensors
-        g = softmax.clone()
-        rows = torch.arange(g.shape[0], device=g.device)
-        g[rows, idx] -= (~outside).to(g.dtype)
-        return g * grad[:, None], None, None, None
-
-
 def vocab_parallel_cross_entropy(
     logits: torch.Tensor,  # [N, V/tp] (the full vocabulary at degree 1)
     labels: torch.Tensor,  # [N]
     tp: TensorParallel = SINGLE,
 ) -> torch.Tensor:  # per-token loss [N]
-    logits = logits.float()
-    if tp.size == 1:
-        return F.cross_entropy(logits, labels, reduction="none")
-    return _VocabParallelCE.apply(logits, labels, tp.rank * logits.shape[-1], tp.group)
+    return chunked_cross_entropy(logits, labels, tp.rank * logits.shape[-1], tp.group)
