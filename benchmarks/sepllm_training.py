@@ -277,7 +277,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--windows", type=int, nargs="+", default=[64, 256])
     p.add_argument("--iters", type=int, default=8, help="training iterations per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--loss-steps", type=int, default=2, help="warm-up steps, compared to dense")
     p.add_argument("--kernel", default="auto", help="sepllm.attention_kernel of the SepLLM runs")
     p.add_argument("--plot", default="/tmp/sepllm_training_speedup.png", help="PNG path")

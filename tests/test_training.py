@@ -71,9 +71,35 @@ def test_bf16_with_zero2_trains(tmp_path: Path, shakespeare) -> None:
         train_iters=6,
         lr=5e-3,
     )
-    run_cli(["train.py", str(cfg)])
+    proc = run_cli(["train.py", str(cfg)])
     losses = step_losses(tmp_path / "c.yml.jsonl")
     assert losses[6] < losses[1]
+    assert BF16_ACCUMULATION_WARNING not in proc.stdout + proc.stderr
+
+
+BF16_ACCUMULATION_WARNING = "micro-batch gradients of each step in bf16"
+
+
+def test_bf16_at_zero0_warns_about_bf16_gradient_accumulation(tmp_path: Path, shakespeare) -> None:
+    cfg = write_config(
+        tmp_path, shakespeare, precision="bfloat16", zero_optimization={"stage": 0}, train_iters=1
+    )  # gradient_accumulation_steps 2
+    proc = run_cli(["train.py", str(cfg)])
+    assert BF16_ACCUMULATION_WARNING in proc.stdout + proc.stderr
+    # the advice the warning gives trains (DeepSpeed's BF16 optimizer) and is not warned about
+    fp32_accum = {"data_types": {"grad_accum_dtype": "fp32"}}
+    cfg = write_config(
+        tmp_path,
+        shakespeare,
+        "fp32_accum.yml",
+        precision="bfloat16",
+        zero_optimization={"stage": 1},
+        deepspeed_extra=fp32_accum,
+        train_iters=1,
+    )
+    proc = run_cli(["train.py", str(cfg)])
+    assert BF16_ACCUMULATION_WARNING not in proc.stdout + proc.stderr
+    assert step_losses(tmp_path / "fp32_accum.yml.jsonl")[1] > 0
 
 
 def test_finetune_loads_weights_and_restarts(tmp_path: Path, shakespeare) -> None:

@@ -52,6 +52,27 @@ def build_model(cfg: Config, tp: TensorParallel = SINGLE) -> GPTModel:
     return model
 
 
+def _warn_bf16_accumulation(engine: Any, grad_accum: int) -> None:
+    """bf16 at ZeRO stage 0 without a pipeline gets DeepSpeed's fp16 optimizer wrappers (fused
+    or not), which sum the micro-batch gradients in bf16. DeepSpeed accumulates in fp32 only
+    through its BF16 optimizer (the pipeline engine; ZeRO stage 1 with
+    data_types.grad_accum_dtype fp32) and refuses fp32 accumulation at stage 0, so this is
+    said once, before training."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    wrappers = (FP16_Optimizer, FP16_UnfusedOptimizer)
+    bf16_sums = engine.bfloat16_enabled() and isinstance(engine.optimizer, wrappers)
+    if grad_accum > 1 and bf16_sums:
+        log.warning(
+            "precision bfloat16 with zero_optimization.stage 0: DeepSpeed sums the %d "
+            "micro-batch gradients of each step in bf16; for fp32 accumulation use "
+            "zero_optimization.stage 1 with deepspeed_extra: {data_types: {grad_accum_dtype: "
+            "fp32}}",
+            grad_accum,
+        )
+
+
 @dataclass
 class Datasets:
     train: Dataset
@@ -85,6 +106,7 @@ def build_engine(cfg: Config, model: GPTModel, mpu: Any = None) -> tuple[Any, An
         config=deepspeed_config(cfg),
         mpu=mpu,
     )
+    _warn_bf16_accumulation(engine, cfg.derived.grad_accum)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # A single data-parallel replica has nothing to average: skip DeepSpeed's flatten +
         # all-reduce of every gradient after backward.
