@@ -168,7 +168,10 @@ def bench_seq(seq: int, args: argparse.Namespace) -> list[Run]:
             run.cpu_times.append(cpu)
         times = ", ".join(f"{run.label} {1e3 * run.times[-1]:.0f}" for run in runs)
         print(f"  seq {seq} round {r + 1}/{args.rounds} ms/iter: {times}", flush=True)
-    n_batches = args.loss_steps + args.rounds * args.iters
+    if args.profile:
+        for run in runs:
+            profile_step(run)
+    n_batches = args.loss_steps + args.rounds * args.iters + (1 if args.profile else 0)
     for run in runs[1:]:
         measure_kept(run, n_batches)
         run.ref_diff = reference_diff(run, args.loss_steps)
@@ -176,6 +179,36 @@ def bench_seq(seq: int, args: argparse.Namespace) -> list[Run]:
         for run in runs:
             run.peak_mb = probe_memory(seq, run.window, args.kernel)
     return runs
+
+
+# Profiler events of the attention kernels: the compact kernel's autograd Function (its
+# totals include the fused ops it calls), else the CPU flash op itself (causal SDPA).
+COMPACT_EVENTS = ("_CompactAttention", "_CompactAttentionBackward")
+FLASH_EVENTS = (
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+)
+
+
+def profile_step(run: Run) -> None:
+    """--profile: one more training step under torch.profiler; prints the attention kernel's
+    share of the step and the top operators by own time."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        train(run, 1)
+    events = {e.key: e for e in prof.key_averages()}
+    if any(k in events for k in COMPACT_EVENTS):
+        attn_us = sum(events[k].cpu_time_total for k in COMPACT_EVENTS if k in events)
+    else:
+        attn_us = sum(events[k].self_cpu_time_total for k in FLASH_EVENTS if k in events)
+    step_us = sum(e.self_cpu_time_total for e in events.values())
+    print(
+        f"  profile seq {run.seq} {run.label}: step {step_us / 1e3:.0f} ms (profiled), "
+        f"attention kernel {attn_us / 1e3:.0f} ms = {attn_us / step_us:.0%}",
+        flush=True,
+    )
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8), flush=True)
 
 
 def probe_memory(seq: int, window: int, kernel: str) -> float:
@@ -282,6 +315,9 @@ def main() -> None:
     p.add_argument("--kernel", default="auto", help="sepllm.attention_kernel of the SepLLM runs")
     p.add_argument("--plot", default="/tmp/sepllm_training_speedup.png", help="PNG path")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument(
+        "--profile", action="store_true", help="profile one more step of each run (op table)"
+    )
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: the trainer's own)"
     )
