@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 # fp32 elements of one chunk's temporary (16 MB): small enough for glibc's heap to reuse it
 # across chunks and steps instead of mapping fresh pages (megatron/training/host_memory.py)
@@ -61,6 +62,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return lse - target
 
     @staticmethod
+    @once_differentiable  # the gradient is computed in place in scratch buffers
     def backward(ctx, grad):  # grad [N] -> d logits [N, Vl]: (softmax - onehot) * grad
         logits, idx, lse, outside = ctx.saved_tensors
         grad = grad.float()
