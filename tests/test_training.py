@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def test_bf16_at_zero0_warns_about_bf16_gradient_accumulation(tmp_path: Path, sh
     )
     proc = run_cli(["train.py", str(cfg)])
     assert BF16_ACCUMULATION_WARNING not in proc.stdout + proc.stderr
-    assert step_losses(tmp_path / "fp32_accum.yml.jsonl")[1] > 0
+    assert math.isfinite(step_losses(tmp_path / "fp32_accum.yml.jsonl")[1])
 
 
 def test_finetune_loads_weights_and_restarts(tmp_path: Path, shakespeare) -> None:

@@ -356,14 +356,7 @@ def test_flex_forward_matches_reference(case) -> None:
     B, H, Hkv, S, D, w, a, kind = case
     gen = torch.Generator().manual_seed(7)
     ids, padded = make_ids(B, S, kind, gen)
-    seps = [] if kind == "none" else [SEP, PAD]
-    cfg = SepLLMConfig(
-        mode="streamingllm" if kind == "none" else "sepllm",
-        separator_token_ids=seps,
-        init_tokens=a,
-        local_window=w,
-        batch_adaptive_init_pos=padded,
-    )
+    seps, cfg = case_config(kind, a, w, padded)
     kept = build_kept_set(ids, cfg)
     q = torch.randn(B, H, S, D, generator=gen)
     k = torch.randn(B, Hkv, S, D, generator=gen)
