@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -186,11 +187,48 @@ def _plot_pil(xs: list[int], ys: list[float], path: str, title: str) -> None:
         img.save(tmp, format="PNG")
 
 
+OUTPUT_NAMES = ("summary.json", "nll.txt", "ppl_checkpoints.json", "ppl.png")
+
+
+def check_output_dir(out_dir: str, overwrite: bool) -> None:
+    """Before any work: `out_dir` must be a writable directory (created if missing) and must
+    not hold an earlier run's results unless `overwrite` (they would be replaced silently, and
+    an old ppl.png left beside new numbers)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".probe-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--output_dir {out_dir}: cannot write there ({e.strerror})") from None
+    old = [n for n in OUTPUT_NAMES if os.path.lexists(os.path.join(out_dir, n))]
+    if old and not overwrite:
+        raise ValueError(
+            f"--output_dir {out_dir} already holds results of an earlier run ({', '.join(old)}); "
+            "give another --output_dir or pass --overwrite to replace them"
+        )
+
+
+def check_scored(result: StreamResult, num_eval_tokens: int | None, source: str) -> None:
+    """A perplexity needs at least one scored token; fewer than asked for is said."""
+    if not result.nll:
+        raise ValueError(
+            f"{source}: no token to score (every sample is shorter than 2 tokens); a perplexity "
+            "needs a text of at least 2 tokens"
+        )
+    if num_eval_tokens is not None and len(result.nll) < num_eval_tokens:
+        print(
+            f"warning: --num_eval_tokens {num_eval_tokens} but {source} holds only "
+            f"{len(result.nll)} tokens to score (after its first token): scored those",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def write_outputs(
     out_dir: str, result: StreamResult, options: dict[str, Any], device: torch.device
 ) -> dict:
-    import os
-
     os.makedirs(out_dir, exist_ok=True)
     n = len(result.nll)
     ppl = math.exp(sum(result.nll) / n) if n else float("nan")
@@ -211,6 +249,9 @@ def write_outputs(
     atomic_write_text(os.path.join(out_dir, "nll.txt"), "".join(f"{v:.6f}\n" for v in result.nll))
     checkpoints = json.dumps(ppl_checkpoints(result.nll), indent=2) + "\n"
     atomic_write_text(os.path.join(out_dir, "ppl_checkpoints.json"), checkpoints)
+    plot = os.path.join(out_dir, "ppl.png")
     if n:
-        plot_ppl(result.nll, os.path.join(out_dir, "ppl.png"), options.get("cache", "stream"))
+        plot_ppl(result.nll, plot, options.get("cache", "stream"))
+    elif os.path.lexists(plot):
+        os.remove(plot)  # never an earlier run's plot beside these numbers
     return summary

@@ -25,11 +25,42 @@ def _from_record(record: dict, origin: str) -> str:
     raise ValueError(f"{origin}: a record without a text field (looked for {TEXT_KEYS})")
 
 
+def decode_text(data: bytes, origin: str) -> str:
+    """UTF-8 text or a ValueError naming `origin` and the first bad byte: binary or latin-1
+    input decoded with replacement characters would be scored as if it were text."""
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(f"{origin}: binary data, not text (a NUL byte at offset {nul})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{origin}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, line "
+            f"{line}); convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def read_text_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return decode_text(f.read(), path)
+
+
 def _jsonl(path: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield _from_record(json.loads(line), f"{path}:{n}")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = decode_text(raw, f"{path}:{n}")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}:{n}: not a JSON line ({e.msg} at column {e.colno})"
+                ) from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{n}: a JSON line must be an object with a text field")
+            yield _from_record(record, f"{path}:{n}")
 
 
 def _parquet(path: str) -> Iterator[str]:
@@ -48,8 +79,7 @@ def _bundled() -> Iterator[str]:
     from megatron.data.bundled import shakespeare_files
 
     for path in shakespeare_files():
-        with open(path, encoding="utf-8", errors="replace") as f:
-            yield f.read()
+        yield read_text_file(path)
 
 
 def _hub(name: str, task: str | None, split: str) -> Iterator[str]:
@@ -95,6 +125,5 @@ def iter_texts(name: str, task: str | None = None, split: str = "test") -> Itera
             return _jsonl(name)
         if name.endswith(".parquet"):
             return _parquet(name)
-        with open(name, encoding="utf-8", errors="replace") as f:
-            return iter([f.read()])
+        return iter([read_text_file(name)])
     return _hub(name, task, split)

@@ -48,6 +48,8 @@ log = logging.getLogger("megatron")
 
 # Where ranks report a fatal error (= main.ERRORS_ENV; launch must not import training).
 ERRORS_ENV = "PYTHON_SEPNEOX_ERRORS"
+# "<host> <pid>" of this process: local ranks stop when it is gone (= main.LAUNCHER_ENV).
+LAUNCHER_ENV = "PYTHON_SEPNEOX_LAUNCHER"
 HOSTFILE = "<hostfile>"  # stands for a hostfile deepy.py writes just before launching
 CONFIG_ARGS = "<config-args>"  # stands for train.py's --config-file / --config-env arguments
 
@@ -228,12 +230,14 @@ def execute(plan: LaunchPlan) -> int:
     os.environ.update(plan.env)
     with tempfile.TemporaryDirectory(prefix="deepy-errors-") as errors:
         os.environ[ERRORS_ENV] = errors  # PYTHON*: exported to the ranks like the config
+        os.environ[LAUNCHER_ENV] = f"{socket.gethostname()} {os.getpid()}"
         with materialized(plan) as argv, forwarded_signals() as received:
             if plan.program == "srun":
                 code = subprocess.call(argv)
             else:
                 code = _run_deepspeed(argv)
         os.environ.pop(ERRORS_ENV, None)
+        os.environ.pop(LAUNCHER_ENV, None)
         if code and not received:
             report_rank_errors(errors, code)
     # Interrupted: exit like the signal (128 + number) whatever the runner returned.
@@ -303,6 +307,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("script", help="the per-rank script, normally train.py")
     p.add_argument("configs", nargs="+", help="YAML config files, merged in order")
     p.add_argument(
+        "-d",
+        "--conf_dir",
+        "--conf-dir",
+        default=None,
+        help="directory the config names are relative to (NeoX's form: "
+        "`deepy.py train.py -d configs 125M.yml local_setup.yml`)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -349,7 +361,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "`train.py --config-env` (or `train.py --config-b64`) in an sbatch script that runs "
         "srun itself",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.conf_dir:
+        args.configs = [os.path.join(args.conf_dir, c) for c in args.configs]
+    return args
 
 
 def config_dir(cfg: Config, requested: str | None) -> str:
@@ -437,14 +452,54 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(encode_sources(sources, raw))
         return 0
-    path = pass_config(plan, args.config_via, sources, raw, config_dir(cfg, args.config_dir))
+    directory = config_dir(cfg, args.config_dir)
+    path = pass_config(plan, args.config_via, sources, raw, directory)
     if args.dry_run:
-        print(describe(plan))
+        print(describe_dry_run(plan, path, directory))
         return 0
     if path is not None:
         write_sources_file(path, sources, raw)
     log.info("%s", describe(plan))
     return execute(plan)
+
+
+CONFIG_FILE = "<config-file>"  # stands for the file a real launch writes (--dry-run writes none)
+
+
+def describe_dry_run(plan: LaunchPlan, path: str | None, directory: str) -> str:
+    """The command with the config file a real launch would write shown as a placeholder:
+    --dry-run writes nothing, so it must not print a path that will not exist."""
+    if path is None:
+        return describe(plan)
+    shown = LaunchPlan(
+        **{**plan.__dict__, "argv": [CONFIG_FILE if a == path else a for a in plan.argv]}
+    )
+    return (
+        f"{describe(shown)}\n{CONFIG_FILE}: written at launch as "
+        f"{os.path.join(directory, 'config-<time>-<host>-<pid>.json')} (not by --dry-run)"
+    )
+
+
+def missing_programs(plan: LaunchPlan) -> None:
+    """--dry-run: say which program a real launch needs and this host lacks (a warning: the
+    dry run may be made on another machine than the launch)."""
+    try:
+        preflight(plan)
+    except ConfigError as exc:
+        log.warning("deepy.py: warning: a real launch from this host would fail: %s", exc)
+
+
+def drop_missing_hostfile(lc: LauncherConfig) -> None:
+    """A hostfile that does not exist on a single-node launch: run on this node, with a
+    warning, as DeepSpeed's runner does (NeoX's 125M.yml names `hostfile: /mock_path`)."""
+    single = lc.num_nodes in (-1, 1) and lc.node_rank is None and not (lc.include or lc.exclude)
+    if lc.hostfile and not os.path.exists(lc.hostfile) and single and lc.launcher != "slurm":
+        log.warning(
+            "deepy.py: hostfile %s not found: proceeding with local resources only (as "
+            "DeepSpeed's runner does)",
+            lc.hostfile,
+        )
+        lc.hostfile = None
 
 
 def _prepare(args: argparse.Namespace) -> tuple[LaunchPlan, Config, Sources, dict[str, str]]:
@@ -454,12 +509,15 @@ def _prepare(args: argparse.Namespace) -> tuple[LaunchPlan, Config, Sources, dic
     if args.node_rank is not None:
         # Not put into the sources: every rank keeps an identical config on every node.
         cfg.launcher.node_rank = args.node_rank
+    drop_missing_hostfile(cfg.launcher)
     errors: list[str] = []
     validate_launcher(cfg.launcher, errors)  # first: build_plan relies on it
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     plan = build_plan(cfg.launcher, args.script, [CONFIG_ARGS])
     validate(cfg, plan.world_size or 1)
+    if args.dry_run:
+        missing_programs(plan)
     if not (args.dry_run or args.print_config):
         preflight(plan)
         check_master_port(plan, cfg.launcher)  # before the (slow) corpus build, not after

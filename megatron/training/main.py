@@ -7,20 +7,23 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from megatron.common.files import atomic_write_text
-from megatron.config.loader import build_config, merge_sources
+from megatron.config.loader import ConfigError, build_config, merge_sources
 from megatron.config.schema import Config
 from megatron.config.sources import gather_sources, launch_sources
 from megatron.data.bundled import prepare_bundled_data
 from megatron.training.distributed import init_distributed
 from megatron.training.host_memory import tune_host_allocator
+from megatron.training.preflight import save_dir_lock
 from megatron.training.run import build_run
 
 log = logging.getLogger("megatron")
@@ -47,8 +50,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     previous = STOP.install()
+    watch_launcher(os.environ.get(LAUNCHER_ENV))
     try:
         return _main(argv)
+    except ConfigError as exc:
+        # A bad value is the user's to fix: the message, not a traceback (rc 2 like deepy.py).
+        _report_error(exc)
+        print(f"train.py: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except Stopped as stop:
         # Exit non-zero so `timeout`, schedulers and the launcher see an interrupted run.
         log.error("rank stopped by %s; `latest` names the last complete checkpoint", stop)
@@ -64,6 +73,46 @@ def main(argv: list[str] | None = None) -> list[float]:
 
 
 ERRORS_ENV = "PYTHON_SEPNEOX_ERRORS"  # set by deepy.py: where ranks report a fatal error
+LAUNCHER_ENV = "PYTHON_SEPNEOX_LAUNCHER"  # set by deepy.py: "<host> <pid>" of deepy.py itself
+WATCH_INTERVAL_S = 1.0
+
+
+def watch_launcher(spec: str | None, interval_s: float = WATCH_INTERVAL_S) -> None:
+    """Stop this rank when deepy.py is gone (kill -9 leaves DeepSpeed's per-node launcher and
+    the ranks orphaned, still training and writing checkpoints).
+
+    deepy.py names itself in LAUNCHER_ENV; a rank on the same host watches that process (pid
+    and start time, so a reused pid does not count as alive) from a daemon thread and, once it
+    is gone, sends itself SIGTERM: the ordinary stop (between steps, a checkpoint of the last
+    finished step, exit 143), after which DeepSpeed's launcher ends too. Ranks on other hosts
+    rely on their launcher (pdsh / mpirun / srun lose their connection and stop them).
+    """
+    import psutil  # a DeepSpeed dependency
+
+    host, _, pid = (spec or "").partition(" ")
+    if not pid or host != socket.gethostname():
+        return
+    try:
+        launcher = psutil.Process(int(pid))
+    except (psutil.Error, ValueError):
+        launcher = None
+    if launcher is None or not launcher.is_running():
+        log.error("deepy.py (pid %s) is gone before this rank started: stopping", pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def alive() -> bool:  # is_running compares the start time; a zombie is gone too
+        with contextlib.suppress(psutil.Error):
+            return launcher.is_running() and launcher.status() != psutil.STATUS_ZOMBIE
+        return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(interval_s)
+        log.error("deepy.py (pid %s) is gone (killed?): stopping this rank", pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def _report_error(exc: Exception) -> None:
@@ -102,12 +151,14 @@ def _main(argv: list[str] | None) -> list[float]:
 
 
 def run(cfg: Config, raw: dict[str, str], rank: int, world: int, device: Any) -> list[float]:
-    trainer = build_run(cfg, rank, world, device, raw).trainer
-    _stop_between_steps(trainer, device)
-    try:
-        return trainer.run()
-    finally:
-        STOP.deferred = False  # after the loop a signal stops at once again
+    # One trainer per save directory, held from before the pre-flight to the last save.
+    with save_dir_lock(cfg, rank):
+        trainer = build_run(cfg, rank, world, device, raw).trainer
+        _stop_between_steps(trainer, device)
+        try:
+            return trainer.run()
+        finally:
+            STOP.deferred = False  # after the loop a signal stops at once again
 
 
 class Stopped(BaseException):  # like KeyboardInterrupt: `except Exception` must not eat it

@@ -17,11 +17,13 @@ engine are built, and raises one `PreflightError` listing every problem found:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from megatron.common.files import LockTimeout, file_lock
 from megatron.config.loader import config_to_dict
 from megatron.config.schema import Config
 from megatron.training import checkpoint
@@ -71,9 +74,44 @@ class PreflightError(RuntimeError):
     """Something that would fail or lose work later, found before the first step."""
 
 
+RUN_LOCK = ".run.lock"  # in the save directory; holds "pid N on HOST since TIME" while locked
+
+
+@contextlib.contextmanager
+def save_dir_lock(cfg: Config, rank: int) -> Iterator[None]:
+    """One trainer per save directory: rank 0 holds an flock on `<save>/.run.lock` for the
+    whole run (released by the kernel when it exits, even when killed). A second run into the
+    same directory is refused on every rank, naming the holder, before it builds anything.
+    A save directory that cannot be created is left to the pre-flight, which names its errno.
+    """
+    save = cfg.checkpoint.save
+    with contextlib.ExitStack() as held:
+        error = ""
+        if save and rank == 0:
+            try:
+                Path(save).mkdir(parents=True, exist_ok=True)
+                held.enter_context(file_lock(Path(save) / RUN_LOCK, timeout_s=0))
+            except LockTimeout as exc:
+                error = (
+                    f"save = {save} is in use by another training run ({exc}). Two runs "
+                    "writing one directory mix their checkpoints and `latest`: stop the other "
+                    "run (or wait for it), or give this one another save directory"
+                )
+            except OSError:
+                pass  # reported by directory_errors with its errno
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error:
+            raise PreflightError(error)
+        yield
+
+
 def run_preflight(cfg: Config, rank: int) -> None:
     """Every check on every rank (each sees its own file systems), then the overwrite."""
-    errors = option_errors(cfg) + directory_errors(cfg, rank)
+    # load_errors first: directory_errors creates the save directory, which may be `load`.
+    errors = option_errors(cfg) + load_errors(cfg) + directory_errors(cfg, rank)
     errors += fresh_run_errors(cfg)
     if not errors:
         errors += resume_config_errors(cfg, log_differences=rank == 0)
@@ -82,10 +120,44 @@ def run_preflight(cfg: Config, rank: int) -> None:
     if errors:
         listed = "\n  - ".join(errors)
         raise PreflightError(f"pre-flight check failed before the first step:\n  - {listed}")
+    if rank == 0 and (note := fresh_start_note(cfg)):
+        log.warning("%s", note)
     dist.barrier()  # every rank looked at `save` before rank 0 may clear it
     if rank == 0:
         clear_for_overwrite(cfg)
     dist.barrier()
+
+
+def load_errors(cfg: Config) -> list[str]:
+    """A `load` that does not exist is a typo, not an empty directory to start fresh from;
+    only the first run of a job that resumes from its own save directory may lack it."""
+    ck = cfg.checkpoint
+    if not ck.load or os.path.lexists(ck.load):
+        return []
+    if _loads_from_save(cfg) and ck.allow_fresh_start:
+        return []  # created by this run; fresh_start_note says it starts fresh
+    return [
+        f"load = {ck.load} does not exist ({Path(ck.load).resolve()}; ENOENT), so it holds "
+        "no checkpoint to resume from: fix the path (a typo?), or leave load unset to start "
+        "from scratch" + ("" if _loads_from_save(cfg) else f" (save = {ck.save})")
+    ]
+
+
+def fresh_start_note(cfg: Config) -> str | None:
+    """The warning a run that starts from iteration 0 with random weights logs, naming the
+    `load` path it looked in and what it found there; None for a resume or a refused start."""
+    ck = cfg.checkpoint
+    if not ck.load:
+        return "fresh start: `load` is not set, training starts at iteration 0 from random weights"
+    if not ck.allow_fresh_start or checkpoint.find_tag(ck) is not None:
+        return None  # a resume (the trainer logs it), or resolve_tag refuses the fresh start
+    root = Path(ck.load)
+    steps = [p.name for _, p, _ in checkpoint.checkpoint_dirs(root)]
+    found = f"{', '.join(steps)} but no `latest` file" if steps else "no checkpoint"
+    return (
+        f"FRESH START: load = {ck.load} ({root.resolve()}) holds {found}; nothing is resumed, "
+        "training starts at iteration 0 from random weights (allow_fresh_start: true)"
+    )
 
 
 def option_errors(cfg: Config) -> list[str]:

@@ -73,7 +73,8 @@ def test_second_fresh_run_stops_before_training_and_keeps_latest(
     assert "already holds checkpoints" in str(exc.value)
     assert "iter      1/1" not in str(exc.value)
     assert (tmp_path / "ck" / "latest").read_text() == "global_step2"
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["global_step2", "latest"]
+    held = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert held == [preflight.RUN_LOCK, "global_step2", "latest"]  # the lock file stays, empty
 
 
 def test_rerunning_the_main_job_resumes_instead_of_being_refused() -> None:

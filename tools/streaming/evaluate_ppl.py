@@ -21,7 +21,12 @@ import torch
 
 from megatron.inference.loading import Streamer, check_separator_ids, load_model
 from megatron.inference.options import add_cache_args, cache_kind, check_sizes, policies
-from megatron.inference.perplexity import stream_nll, write_outputs
+from megatron.inference.perplexity import (
+    check_output_dir,
+    check_scored,
+    stream_nll,
+    write_outputs,
+)
 from megatron.inference.texts import check_source, iter_texts
 
 
@@ -36,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="outputs/streaming_ppl")
     p.add_argument("--chunk_size", type=int, default=1, help="tokens per forward (cut at room)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace earlier results in --output_dir"
+    )
     add_cache_args(p)
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.chunk_size < 1:
@@ -66,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     kind = cache_kind(args)  # every check that needs no model, before loading it
     check_sizes(args)
     check_source(args.dataset_name)
+    check_output_dir(args.output_dir, args.overwrite)  # before the work, not after it
     streamer = load_model(args.model_name_or_path)
     layer_policies = policies(args, streamer.num_layers)
     seps = args.separator_token_ids
@@ -82,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.chunk_size,
         args.num_eval_tokens,
     )
+    check_scored(result, args.num_eval_tokens, args.dataset_name)
     options = {
         **vars(args),
         "cache": kind,
