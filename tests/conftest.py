@@ -12,6 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Fails any test that reads or writes checkpoints/, data/, runs/, hf/, ckpts/ or outputs/.
+from tests.run_folder_guard.plugin import (  # noqa: F401
+    _run_folders_untouched,
+    pytest_configure,
+    pytest_unconfigure,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

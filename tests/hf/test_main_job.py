@@ -45,7 +45,8 @@ def test_main_job_checkpoint_reproduces_its_validation_loss(
     jsonl = tmp_path / "metrics.jsonl"
     sets = {
         "train_iters": 2, "eval_interval": 2, "eval_iters": 1, "checkpoint_factor": 2,
-        "train_micro_batch_size_per_gpu": 4, "save": tmp_path / "ckpt",
+        "train_micro_batch_size_per_gpu": 4,
+        "save": tmp_path / "ckpt", "load": tmp_path / "ckpt",  # not tiny.yml's checkpoints/tiny
         "data_path": shakespeare[0], "vocab_file": shakespeare[1], "prepare_data": "none",
         "metrics_jsonl": jsonl, "log_interval": 1,
     }  # fmt: skip
