@@ -8,6 +8,7 @@ from megatron.config.checks import section_errors
 from megatron.config.launcher import validate_launcher
 from megatron.config.loader import ConfigError
 from megatron.config.schema import SECTIONS, Config, ModelConfig, RunShape, TrainingConfig
+from megatron.sepllm.bipe import bipe_errors
 from megatron.sepllm.validate import validate_sepllm
 
 
@@ -117,7 +118,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 
 def _sepllm_errors(cfg: Config) -> list[str]:
-    return validate_sepllm(cfg.sepllm, cfg.model.num_layers, cfg.model.seq_length)
+    errors = validate_sepllm(cfg.sepllm, cfg.model.num_layers, cfg.model.seq_length)
+    return errors + bipe_errors(cfg.sepllm, cfg.model.pos_emb)
 
 
 def _dp_size(cfg: Config, world_size: int) -> int:
@@ -179,10 +181,12 @@ def _check_token_ids(cfg: Config, vocab_size: int) -> None:
     """Separator and pad ids must be tokens of the run's tokenizer: an id past the vocabulary
     never occurs in the data, which silently turns SepLLM into StreamingLLM."""
     s, errors = cfg.sepllm, []
-    outside = sorted({int(i) for i in s.separator_token_ids if int(i) >= vocab_size})
+    ids = [*s.separator_token_ids, *(s.bipe_separator_token_ids or [])]
+    outside = sorted({int(i) for i in ids if int(i) >= vocab_size})
     if outside:
         errors.append(
-            f"sepllm.separator_token_ids {outside} are outside the tokenizer's vocabulary "
+            f"sepllm.separator_token_ids / bipe_separator_token_ids {outside} are outside the "
+            "tokenizer's vocabulary "
             f"(size {vocab_size}): derive the ids for this tokenizer with "
             "tools/sepllm/separator_ids.py"
         )

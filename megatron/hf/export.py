@@ -16,6 +16,7 @@ import torch
 from megatron.config.schema import ModelConfig, SepLLMConfig
 from megatron.hf.adapters import to_hf
 from megatron.hf.configs import family, hf_config
+from megatron.sepllm.kernels.sa_softmax import SA_KERNELS
 
 Tensor = torch.Tensor
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -27,6 +28,23 @@ SEPLLM_KEYS = (
     "pad_token_id",
     "batch_adaptive_init_pos",
 )
+
+
+def check_sepllm_exportable(sep: SepLLMConfig) -> None:
+    """Refuses, by name, the SepLLM variants stock transformers models cannot run
+    (docs/sepllm_variants.md): they would load and silently compute something else."""
+    if sep.bipe:
+        raise ValueError(
+            "BiPE (sepllm.bipe / USE_BiPE) cannot be exported to transformers: stock "
+            "GPTNeoXForCausalLM / LlamaForCausalLM have no learned intra-segment position table "
+            "and rotate by the token index, not by the count of separators before each token"
+        )
+    if sep.attention_kernel in SA_KERNELS:
+        raise ValueError(
+            f"Self-Adjust softmax (sepllm.attention_kernel {sep.attention_kernel!r} / "
+            "USE_SA_SOFTMAX*) cannot be exported to transformers: its attention functions "
+            "compute plain softmax attention"
+        )
 
 
 class PrecisionRefused(ValueError):
@@ -76,6 +94,7 @@ def write_hf_folder(
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
+    check_sepllm_exportable(sep)
     vocab = state["embedding.embed.weight"].shape[0]
     cfg = hf_config(m, vocab)  # refuses what transformers cannot express
     hf_state = cast_state(to_hf(state, m), precision)

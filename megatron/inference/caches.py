@@ -19,14 +19,17 @@ exceeds its capacity. `room()` is how many tokens fit before a compression is du
 that cuts its chunks at `room()` compresses at exactly the tokens where token-by-token
 decoding would: both give the same results.
 
-Positions ("positional shift"): with `pos_shift` a key's position is its cache index among
-the row's valid entries; otherwise its text position. Keys are stored *after* rotary, as the
-model computed them (transformers hands its cache rotated keys, so one convention serves both
-model worlds), together with `rot_pos`, the position they are rotated to. When compression
-moves a key from index p to p' (or a caller asks for another offset), it is rotated by the
-delta p' - p on its first `rot_dims` dims: a stored key is never rotated again as if raw, which
-is the original HF SepCache's double-rotation bug. RoPE is a rotation, so R(p' - p) R(p) k =
-R(p') k up to float rounding (tested).
+Positions ("positional shift"), as the original Streaming-SepLLM gives them: a new token's
+position is its cache index (the row's held entries before it). With `pos_shift` every held key
+follows its cache index as entries are evicted; without it a key keeps the position it was
+computed at, so positions never exceed the capacity c and, once the cache is full, keys and
+queries disagree about distances (the original's no-shift ablation). Keys are stored *after*
+rotary, as the model computed them (transformers hands its cache rotated keys, so one
+convention serves both model worlds), together with `rot_pos`, the position they are rotated
+to. When compression moves a key from index p to p' (or a caller asks for another offset), it
+is rotated by the delta p' - p on its first `rot_dims` dims: a stored key is never rotated
+again as if raw, which is the original HF SepCache's double-rotation bug. RoPE is a rotation,
+so R(p' - p) R(p) k = R(p') k up to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -133,13 +136,11 @@ class LayerCache:
         return self.policy.capacity + self.grown
 
     def positions(self, step: Step) -> torch.Tensor:
-        """[B, n] long: the positions the model gives the step's tokens (cache index under
-        shift, else text position); 0 for padding."""
-        if self.pos_shift:
-            base = self.row_lengths()[:, None] if self.length else 0
-            pos = base + _rank(step.valid)
-        else:
-            pos = step.text_pos
+        """[B, n] long: the positions the model gives the step's tokens: their cache index
+        (the row's held entries + rank in the step), with or without shift, as in the
+        original (transformers numbers a new token by the cache length); 0 for padding."""
+        base = self.row_lengths()[:, None] if self.length else 0
+        pos = base + _rank(step.valid)
         return torch.where(step.valid, pos, torch.zeros_like(pos))
 
     def append(

@@ -32,6 +32,7 @@ from megatron.parallel.layers import (
     copy_to_tp,
     param_init_roles,
 )
+from megatron.sepllm.bipe import token_positions
 from megatron.sepllm.info import KeptSet, build_kept_set
 from megatron.sepllm.kernels import (
     AttentionKernel,
@@ -50,12 +51,20 @@ class BatchContext:
 
 
 class Embedding(nn.Module):
-    def __init__(self, m: ModelConfig, vocab_size: int, tp: TensorParallel = SINGLE) -> None:
+    """Token embedding + a learned position table when pos_emb is learned or with BiPE (its
+    intra-segment table); the positions it reads are built per batch (`token_positions`)."""
+
+    def __init__(
+        self,
+        m: ModelConfig,
+        vocab_size: int,
+        tp: TensorParallel = SINGLE,
+        sep: SepLLMConfig | None = None,
+    ) -> None:
         super().__init__()
         self.embed = VocabParallelEmbedding(vocab_size, m.hidden_size, tp)
-        self.pos_embed = (
-            ReplicatedEmbedding(m.max_positions, m.hidden_size) if m.pos_emb == "learned" else None
-        )
+        learned = m.pos_emb == "learned" or (sep is not None and sep.bipe)
+        self.pos_embed = ReplicatedEmbedding(m.max_positions, m.hidden_size) if learned else None
         self.drop = nn.Dropout(m.hidden_dropout)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -114,7 +123,7 @@ class Block(nn.Module):
                     stacklevel=2,
                 )
                 Block._dropout_warned = True
-        return get_kernel(name)
+        return get_kernel(name, self.sep)
 
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:  # [B, S, hidden]
         kernel = self.kernel(ctx.kept, ctx.seq_len, x.device)
@@ -191,7 +200,7 @@ class GPTModel(nn.Module):
         if len(windows) != m.num_layers:
             raise ValueError(f"{len(windows)} windows for {m.num_layers} layers")
         self.cfg, self.sep = m, sep
-        self.embedding = Embedding(m, vocab_size, tp)
+        self.embedding = Embedding(m, vocab_size, tp, sep)
         self.context = BatchContextBuilder(m, sep)
         self.blocks = nn.ModuleList(Block(m, sep, w, tp) for w in windows)
         self.output = OutputHead(m, vocab_size, tp)
@@ -203,10 +212,9 @@ class GPTModel(nn.Module):
         input_ids: torch.Tensor,  # [B, S]
         position_ids: torch.Tensor | None = None,  # [S] or [B, S]; default arange(S)
     ) -> torch.Tensor:  # logits [B, S, V] (V/tp under tensor parallelism)
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.embedding(input_ids, position_ids)
-        ctx = self.context(input_ids, position_ids, x.dtype)
+        pos = token_positions(input_ids, self.sep, position_ids)  # absolute, or BiPE's
+        x = self.embedding(input_ids, pos.embed)
+        ctx = self.context(input_ids, pos.rope, x.dtype)
         for block in self.blocks:
             if self.checkpoint_activations and self.training:
                 x = checkpoint(block, x, ctx, use_reentrant=False)

@@ -2,10 +2,12 @@
 
 `SEPLLM_ALIASES[key](value)` returns the fields that key sets ({} when the key only matters in
 combination, e.g. a false mode flag). The loader errors when two keys set one field to
-different values: that is how USE_ORIGINAL_FULL_ATTEN: true + streamingLLM: true (two modes)
-is rejected. `apply_sepllm_aliases` does the whole translation of a section, including the
+different values. `apply_sepllm_aliases` does the whole translation of a section, including the
 combinations a single key cannot decide:
-  * both mode flags false (the original's default meaning) -> mode sepllm;
+  * the original's exclusive flags (EXCLUSIVE_FLAGS: full attention, streamingLLM, its kernel
+    accelerator, the two Self-Adjust softmax flags): more than one true is an error;
+  * both mode flags false (the original's default meaning), or a Self-Adjust softmax flag
+    without them -> mode sepllm;
   * USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS false -> the per-layer lists are ignored, as in the
     original (which ships default lists next to a false flag).
 The decode-time windows (generate_local_window_size, generate_win_loc_size_list) are accepted
@@ -45,10 +47,24 @@ def _flag_mode(mode: str) -> Callable[[Any], dict[str, Any]]:
     return alias
 
 
-def _bipe(value: Any) -> dict[str, Any]:
-    if _strict_bool(value):
-        raise ValueError("BiPE is not implemented")
-    return {}
+def _sa_flag(kernel: str) -> Callable[[Any], dict[str, Any]]:
+    # Self-Adjust softmax is a kernel of its own (megatron/sepllm/kernels/sa_softmax.py).
+    def alias(value: Any) -> dict[str, Any]:
+        return {"attention_kernel": kernel} if _strict_bool(value) else {}
+
+    return alias
+
+
+def _bipe_seps(value: Any) -> dict[str, Any]:
+    # None (the original's default): BiPE segments end at separator_token_ids (bipe.py).
+    ids = _int_list(value)
+    return {} if ids is None else {"bipe_separator_token_ids": ids}
+
+
+def _strict_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number, got {value!r}")
+    return float(value)
 
 
 def _field(name: str, cast: Callable[[Any], Any]) -> Callable[[Any], dict[str, Any]]:
@@ -119,9 +135,21 @@ SEPLLM_ALIASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "BATCH_ADAPTIVE_INIT_POS": _field("batch_adaptive_init_pos", _strict_bool),
     "PRINT_KV_RATIO": _field("print_kv_ratio", _strict_bool),
     "print_ratio_intervals": _field("print_ratio_intervals", _strict_int),
-    "USE_BiPE": _bipe,
-    "BiPE_seps": lambda value: {},  # only meaningful with BiPE, which raises
+    "USE_BiPE": _field("bipe", _strict_bool),
+    "BiPE_seps": _bipe_seps,
+    "USE_SA_SOFTMAX": _sa_flag("sa"),
+    "USE_SA_SOFTMAX_NO_DENO": _sa_flag("sa_no_deno"),
+    "SA_Numerator_Bias": _field("sa_numerator_bias", _strict_float),
+    "SA_Denominator_Bias": _field("sa_denominator_bias", _strict_float),
 }
+# The original accepts at most one of these true at a time (its SepAttention asserts it).
+EXCLUSIVE_FLAGS = (
+    "USE_ORIGINAL_FULL_ATTEN",
+    "streamingLLM",
+    "USE_SEP_ATTN_KERNEL_ACCELERATOR",
+    "USE_SA_SOFTMAX",
+    "USE_SA_SOFTMAX_NO_DENO",
+)
 
 _LOWER = {k.lower(): k for k in SEPLLM_ALIASES}
 _NATIVE = {f.name for f in dataclasses.fields(SepLLMConfig)}
@@ -150,6 +178,12 @@ def apply_sepllm_aliases(section: dict[str, Any]) -> dict[str, Any]:
             _set(out, origin, key, value, key)
         else:
             originals[name] = value
+    on = [f for f in EXCLUSIVE_FLAGS if originals.get(f) is True]
+    if len(on) > 1:
+        raise ValueError(
+            f"sepllm config: at most one of {', '.join(EXCLUSIVE_FLAGS)} may be true (the "
+            f"original SepLLM's rule); true here: {', '.join(on)}"
+        )
     use_layers = originals.get("USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS", True)
     for name, value in originals.items():
         if not use_layers and name == "prefill_loc_win_size_list":
@@ -157,7 +191,9 @@ def apply_sepllm_aliases(section: dict[str, Any]) -> dict[str, Any]:
         for field, v in SEPLLM_ALIASES[name](value).items():
             _set(out, origin, field, v, name)
     flags = ("USE_ORIGINAL_FULL_ATTEN", "streamingLLM")
-    if "mode" not in out and any(f in originals for f in flags):
+    # The original runs Self-Adjust softmax over its SepLLM mask (full / streaming excluded).
+    sa = any(originals.get(f) is True for f in ("USE_SA_SOFTMAX", "USE_SA_SOFTMAX_NO_DENO"))
+    if "mode" not in out and (sa or any(f in originals for f in flags)):
         if not any(bool(originals.get(f, False)) for f in flags):
             out["mode"] = "sepllm"  # neither full nor streaming: the original's SepLLM mode
     return out

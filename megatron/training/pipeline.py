@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.config.schema import Config, ModelConfig
+from megatron.config.schema import Config, ModelConfig, SepLLMConfig
 from megatron.model.transformer import BatchContextBuilder, Block, Embedding, OutputHead
 from megatron.parallel.layers import SINGLE, TensorParallel, copy_to_tp
+from megatron.sepllm.bipe import token_positions
 
 Activations = tuple[torch.Tensor, torch.Tensor]  # hidden [B, S, h], ids [B, S]
 
@@ -26,9 +27,12 @@ Activations = tuple[torch.Tensor, torch.Tensor]  # hidden [B, S, h], ids [B, S]
 class EmbeddingPipe(Embedding):
     WRAPS = ""  # is GPTModel's `embedding` itself
 
+    def __init__(self, m: ModelConfig, vocab: int, tp: TensorParallel, sep: SepLLMConfig) -> None:
+        super().__init__(m, vocab, tp, sep)
+        self.sep = sep
+
     def forward(self, ids: torch.Tensor) -> Activations:  # type: ignore[override]
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        return super().forward(ids, positions), ids
+        return super().forward(ids, token_positions(ids, self.sep).embed), ids
 
 
 class BlockPipe(nn.Module):
@@ -38,11 +42,12 @@ class BlockPipe(nn.Module):
         super().__init__()
         self.block = Block(cfg.model, cfg.sepllm, window, tp)
         self.context = BatchContextBuilder(cfg.model, cfg.sepllm)
+        self.sep = cfg.sepllm
 
     def forward(self, inputs: Activations) -> Activations:
         x, ids = inputs
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        return self.block(x, self.context(ids, positions, x.dtype)), ids
+        rope = token_positions(ids, self.sep).rope  # absolute, or BiPE's inter-segment index
+        return self.block(x, self.context(ids, rope, x.dtype)), ids
 
 
 class FinalNormPipe(nn.Module):
@@ -87,15 +92,14 @@ class Piece:
 def pieces(cfg: Config, tp: TensorParallel) -> list[Piece]:
     """The model's pieces in pipeline order (a layer's index is its position in this list)."""
     vocab, tied = cfg.derived.padded_vocab_size, not cfg.model.no_weight_tying
-    out = [Piece(EmbeddingPipe, (cfg.model, vocab, tp), "embedding.", tied)]
+    emb = (cfg.model, vocab, tp, cfg.sepllm)
+    out = [Piece(EmbeddingPipe, emb, "embedding.", tied)]
     out += [
         Piece(BlockPipe, (cfg, w, tp), f"blocks.{i}.") for i, w in enumerate(cfg.derived.windows)
     ]
     out.append(Piece(FinalNormPipe, (cfg, vocab, tp), "output."))
     if tied:  # the head: the same tied embedding, applied as a projection
-        out.append(
-            Piece(EmbeddingPipe, (cfg.model, vocab, tp), tied=True, forward_fn=_tied_head(tp))
-        )
+        out.append(Piece(EmbeddingPipe, emb, tied=True, forward_fn=_tied_head(tp)))
     return out
 
 

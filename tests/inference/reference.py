@@ -4,7 +4,8 @@
 definition in docs/streaming.md; `reference_decode` decodes token by token with a full cache
 that never evicts: every layer keeps every token's *raw* (un-rotated) key and value, and step t
 attends only to the positions the policy still holds at t, with the positions it gives them
-(index in the held list under shift, text position otherwise), rotating raw keys afresh.
+(index in the held list under shift, else the index it had when it was computed: the
+original's no-shift positions), rotating raw keys afresh.
 Neither shares code with megatron/inference.
 """
 
@@ -86,10 +87,11 @@ def reference_decode(
 ) -> torch.Tensor:  # logits [T, V]
     raw_k: list[list[torch.Tensor]] = [[] for _ in model.blocks]  # per layer, [Hkv, D] per t
     raw_v: list[list[torch.Tensor]] = [[] for _ in model.blocks]
-    out = []
+    out, computed_at = [], []
     for t, held in enumerate(held_per_step):
         visible = _visible(model, held, t, ids)
-        pos_of = {j: (held.index(j) if shift else j) for j in held}
+        computed_at.append(held.index(t))  # the cache index token t had at its own step
+        pos_of = {j: (held.index(j) if shift else computed_at[j]) for j in held}
         x = model.embedding(torch.tensor([[ids[t]]]), torch.tensor([pos_of[t]]))[0, 0]
         for i, block in enumerate(model.blocks):
             attn = block.attn

@@ -19,7 +19,8 @@ ORIGINAL_KEYS = (
     "separator_token_ids PADDING_ID prefill_local_window_size generate_local_window_size "
     "USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS prefill_loc_win_size_list generate_win_loc_size_list "
     "init_tok_max_idx USE_ORIGINAL_FULL_ATTEN streamingLLM USE_SEP_ATTN_KERNEL_ACCELERATOR "
-    "BATCH_ADAPTIVE_INIT_POS PRINT_KV_RATIO print_ratio_intervals USE_BiPE BiPE_seps"
+    "BATCH_ADAPTIVE_INIT_POS PRINT_KV_RATIO print_ratio_intervals USE_BiPE BiPE_seps "
+    "USE_SA_SOFTMAX USE_SA_SOFTMAX_NO_DENO SA_Numerator_Bias SA_Denominator_Bias"
 ).split()
 
 
@@ -31,6 +32,7 @@ def test_every_original_key_has_an_alias() -> None:
         ints += ("init_tok_max_idx", "print_ratio_intervals")
         value = [1, 2] if "list" in key or key == "separator_token_ids" else False
         value = 3 if key in ints else value
+        value = 0.5 if key.endswith("_Bias") else value
         assert set(fn(value)) <= fields, key
 
 
@@ -79,12 +81,6 @@ def test_decode_window_keys_in_yaml_warn(tmp_path: Path, caplog) -> None:
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "generate_local_window_size=16" in messages
     assert "generate_win_loc_size_list=[4, 4]" in messages  # even with the list flag off
-
-
-def test_bipe_is_rejected() -> None:
-    with pytest.raises(ValueError, match="BiPE is not implemented"):
-        SEPLLM_ALIASES["USE_BiPE"](True)
-    assert SEPLLM_ALIASES["USE_BiPE"](False) == {}
 
 
 def test_apply_aliases_section() -> None:
