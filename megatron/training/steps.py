@@ -46,6 +46,11 @@ def mark_norm_owners(module: torch.nn.Module, par: Parallelism, skip_prefix: str
             p.tensor_model_parallel = True
 
 
+# The norm above which DeepSpeed's fp32 clipping (a sum of squares in fp32) overflows to inf:
+# grad_norm sums in fp64 and stays finite there, so the skip decides on this bound instead.
+FP32_NORM_LIMIT = math.sqrt(torch.finfo(torch.float32).max)
+
+
 def grad_norm(module: torch.nn.Module, par: Parallelism) -> float:
     """The global grad norm by the same ownership rule DeepSpeed clips with."""
     owner0 = par.grid.get_model_parallel_rank() == 0
@@ -122,7 +127,7 @@ class EngineSteps:
                     norm = grad_norm(self.engine.module, self.par)  # nothing else computes it
                 # Decided on the norm alone: gradients are already all-reduced, so every
                 # data-parallel rank sees the same norm (its own loss could differ).
-                if self.skip_nonfinite and not math.isfinite(norm):
+                if self.skip_nonfinite and not norm <= FP32_NORM_LIMIT:  # NaN / inf too
                     self._drop_gradients()
             self.engine.step()
         recorded = None if self.skipped else self.norms.norm()

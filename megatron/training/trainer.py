@@ -44,6 +44,7 @@ class Trainer:
         self.steps = build_steps(cfg, par, eod)
         self.engine, self.scheduler = self.steps.engine, self.steps.scheduler
         self.iteration = self.consumed_samples = self.n_evals = self.skipped_steps = 0
+        self.skip_budget = SkipBudget()
         if cfg.checkpoint.load:
             self._load()
         self.saved_iteration = self.iteration  # a resumed step is on disk already
@@ -162,10 +163,14 @@ class Trainer:
             for name, value in (("loss", loss), ("grad norm", grad_norm))
             if value is not None and not math.isfinite(value)
         ]
-        if not bad:
+        skipped = bool(getattr(self.steps, "skipped", False))
+        if not bad and not skipped:
+            self.skip_budget.record(False)
             return False
-        what = " and ".join(bad)
-        if getattr(self.steps, "skipped", False):
+        # A skipped step with finite numbers: a norm past what fp32 clipping can represent.
+        what = " and ".join(bad) or f"grad norm {grad_norm:.3g} (inf in fp32)"
+        last = f"last checkpoint: {self.last_checkpoint or 'none this run'}"
+        if skipped:
             self.skipped_steps += 1
             if self.rank == 0:
                 log.warning(
@@ -175,12 +180,23 @@ class Trainer:
                     what,
                     self.skipped_steps,
                 )
+            too_many = self.skip_budget.record(True)
+            if too_many:
+                raise NonFiniteError(
+                    f"iteration {self.iteration}: {too_many}: the run is diverging, not "
+                    f"meeting a rare bad batch; stopping ({last}). Lower lr or enable "
+                    "gradient_clipping."
+                )
             return True
+        advice = (
+            "Lower lr or enable gradient_clipping"
+            if self.cfg.training.skip_nonfinite_steps
+            else "Lower lr, enable gradient_clipping, or set skip_nonfinite_steps: true to skip "
+            "such steps"
+        )
         raise NonFiniteError(
             f"iteration {self.iteration}: non-finite {what}; stopping. Nothing of this step is "
-            f"saved and no checkpoint is pruned (last checkpoint: "
-            f"{self.last_checkpoint or 'none this run'}). Lower lr, enable gradient_clipping, "
-            "or set skip_nonfinite_steps: true to skip such steps."
+            f"saved and no checkpoint is pruned ({last}). {advice}."
         )
 
     def _check_train_samples(self, stop: int) -> None:
@@ -312,6 +328,37 @@ class Trainer:
 
 class NonFiniteError(RuntimeError):
     """A loss, grad norm or weight became NaN/inf: the run stops instead of saving it."""
+
+
+# skip_nonfinite_steps is for rare bad batches: a run that keeps skipping is diverging.
+MAX_CONSECUTIVE_SKIPS = 5
+MAX_SKIPPED_FRACTION = 0.1  # of this run's steps, judged once it has taken SKIP_WINDOW steps
+SKIP_WINDOW = 20
+
+
+@dataclasses.dataclass
+class SkipBudget:
+    """Counts this run's skipped steps; `record` says why to stop once there are too many."""
+
+    steps: int = 0
+    skipped: int = 0
+    streak: int = 0
+
+    def record(self, skipped: bool) -> str | None:
+        self.steps += 1
+        self.skipped += skipped
+        self.streak = self.streak + 1 if skipped else 0
+        if self.streak >= MAX_CONSECUTIVE_SKIPS:
+            return (
+                f"{self.streak} consecutive steps skipped (skip_nonfinite_steps stops at "
+                f"{MAX_CONSECUTIVE_SKIPS})"
+            )
+        if self.steps >= SKIP_WINDOW and self.skipped > MAX_SKIPPED_FRACTION * self.steps:
+            return (
+                f"{self.skipped} of this run's {self.steps} steps skipped (skip_nonfinite_steps "
+                f"stops above {MAX_SKIPPED_FRACTION:.0%})"
+            )
+        return None
 
 
 def _trainer_state(path: Path) -> dict[str, Any]:

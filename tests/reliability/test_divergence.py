@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from megatron.training.metrics import format_line
+from megatron.training.trainer import MAX_CONSECUTIVE_SKIPS, SKIP_WINDOW, SkipBudget
 from tests.conftest import run_cli, write_config
 
 # lr 1e3 diverges within a few steps; a checkpoint every step, only the newest kept, so a
@@ -60,20 +61,42 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 
 @pytest.mark.slow
-def test_skip_nonfinite_steps_drops_the_update_and_counts_it(tmp_path: Path, shakespeare) -> None:
+@pytest.mark.parametrize("clipping", [0.0, 1.0])
+def test_skip_nonfinite_steps_drops_the_update_and_stops_a_diverging_run(
+    tmp_path: Path, shakespeare, clipping: float
+) -> None:
+    """Skipped steps are counted and saved; a run that keeps skipping stops (it used to skip
+    17 of 20 steps with rc 0). With clipping the skip decides on the norm fp32 clipping sees
+    (it used to never skip there and then advise setting the option already set)."""
     ck = tmp_path / "ck"
     cfg = write_config(
         tmp_path,
         shakespeare,
         save=str(ck),
-        gradient_clipping=0.0,
+        gradient_clipping=clipping,
         skip_nonfinite_steps=True,
-        **DIVERGE,
+        **{**DIVERGE, "train_iters": 20},
     )
-    out = run_cli(["train.py", str(cfg)])
-    log = out.stdout + out.stderr
-    assert re.search(r"iteration \d+: non-finite .*: step skipped, weights unchanged", log)
+    with pytest.raises(AssertionError) as exc:
+        run_cli(["train.py", str(cfg)])
+    log = str(exc.value)
+    assert re.search(r"iteration \d+: non-finite .*: step skipped, weights unchanged", log), log
+    assert f"{MAX_CONSECUTIVE_SKIPS} consecutive steps skipped" in log
+    assert "set skip_nonfinite_steps" not in log
     counts = [int(n) for n in re.findall(r"\| skipped (\d+) \|", log)]
-    state = json.loads((ck / "global_step8" / "trainer_state.json").read_text())
-    assert counts and counts[-1] == state["skipped_steps"] > 0
-    assert finite_weights(ck / "global_step8")
+    latest = (ck / "latest").read_text().strip()
+    state = json.loads((ck / latest / "trainer_state.json").read_text())
+    assert counts and state["skipped_steps"] > 0
+    assert finite_weights(ck / latest)
+
+
+def test_skip_budget_stops_a_streak_and_a_high_fraction() -> None:
+    budget = SkipBudget()
+    results = [budget.record(True) for _ in range(MAX_CONSECUTIVE_SKIPS)]
+    assert results[:-1] == [None] * (MAX_CONSECUTIVE_SKIPS - 1) and "consecutive" in results[-1]
+    budget = SkipBudget()  # every 4th step skipped: never a streak, 25% of the steps
+    results = [budget.record(i % 4 == 0) for i in range(SKIP_WINDOW)]
+    assert results[:-1] == [None] * (SKIP_WINDOW - 1)
+    assert f"5 of this run's {SKIP_WINDOW} steps skipped" in results[-1]
+    budget = SkipBudget()  # 1 in 20: a rare bad batch, never stops
+    assert all(budget.record(i % 20 == 7) is None for i in range(200))
