@@ -173,6 +173,14 @@ class LayerCache:
         self.peak_attended = max(self.peak_attended, int(self.row_lengths().max()))
         return self.keys, self.values
 
+    def kept_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the kept rule reads of the held entries: key_pos [B, L] (text positions,
+        increasing; invalid slots at far-below positions, outside every window) and is_sep
+        [B, L] (by this cache's separator list)."""
+        invalid = torch.arange(self.length, device=self.valid.device) + INVALID_POS
+        key_pos = torch.where(self.valid, self.text_pos, invalid[None, :])
+        return key_pos, self.is_sep & self.valid
+
     def _align(self, target: torch.Tensor) -> None:
         """Rotate stored keys from rot_pos to target [B, L] (valid entries only)."""
         delta = torch.where(self.valid, target - self.rot_pos, torch.zeros_like(target))

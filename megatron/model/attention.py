@@ -38,14 +38,11 @@ class SelfAttention(nn.Module):
         self.attention_dropout = attention_dropout
         self.rope_fusion = rope_fusion  # config `rope_fusion`: rotary through the fused dispatch
 
-    def forward(
+    def project(
         self,
         x: torch.Tensor,  # [B, S, hidden]
         rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin [S, R] or [B, S, R]
-        kernel: AttentionKernel,
-        window: int,
-        kept: KeptSet | None,
-    ) -> torch.Tensor:  # [B, S, hidden]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q [B,H,S,D], k / v [B,Hkv,S,D]
         b, s, _ = x.shape
         d = self.head_dim
         q, k, v = self.qkv(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], -1)
@@ -55,6 +52,29 @@ class SelfAttention(nn.Module):
         if rope is not None:
             fuse = self.rope_fusion
             q, k = apply_rotary(q, *rope, fusion=fuse), apply_rotary(k, *rope, fusion=fuse)
+        return q, k, v
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [B, H, Sq, D]
+        k: torch.Tensor,  # [B, Hkv, Sk, D]: the step's keys, or a cache's plus the step's
+        v: torch.Tensor,
+        kernel: AttentionKernel,
+        window: int,
+        kept: KeptSet | None,
+    ) -> torch.Tensor:  # [B, Sq, hidden]
+        b, _, s, d = q.shape
         p = self.attention_dropout if self.training else 0.0
-        out = kernel(q, k, v, window=window, kept=kept, dropout_p=p)  # [B, H, S, D]
+        out = kernel(q, k, v, window=window, kept=kept, dropout_p=p)  # [B, H, Sq, D]
         return self.dense(out.transpose(1, 2).reshape(b, s, self.heads * d))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, S, hidden]
+        rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin [S, R] or [B, S, R]
+        kernel: AttentionKernel,
+        window: int,
+        kept: KeptSet | None,
+    ) -> torch.Tensor:  # [B, S, hidden]
+        q, k, v = self.project(x, rope)
+        return self.attend(q, k, v, kernel, window, kept)

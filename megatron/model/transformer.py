@@ -12,6 +12,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,13 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.config.schema import ModelConfig, SepLLMConfig
 from megatron.model.attention import SelfAttention
+from megatron.model.cache import (
+    FULL_WINDOW,
+    KVCache,
+    LayerKV,
+    check_separators,
+    kept_over_cache,
+)
 from megatron.model.mlp import build_mlp
 from megatron.model.norms import build_norm
 from megatron.model.rotary import RotaryEmbedding
@@ -48,6 +56,10 @@ class BatchContext:
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [S, R] or [B, S, R]
     kept: KeptSet | None  # SepLLM kept set of the batch; None for full attention
     seq_len: int  # queries of this forward (= keys: training / prefill)
+    # A forward over a cache: rotary positions and kept sets are per layer (what each layer
+    # holds), so the blocks build them from the step and the rotary tables.
+    step: Any = None
+    rotary: RotaryEmbedding | None = None
 
 
 class Embedding(nn.Module):
@@ -94,23 +106,34 @@ class Block(nn.Module):
         self.parallel_residual = m.gpt_j_residual
         self.drop = nn.Dropout(m.hidden_dropout)
         self.window, self.sep = window, sep
+        # Trained with full attention: over a cache this layer attends every held key.
+        self.full = sep.mode == "full" or window >= m.seq_length
 
     _dropout_warned = False
 
-    def kernel(self, kept: KeptSet | None, q_len: int, device: torch.device) -> AttentionKernel:
-        """This layer's kernel for `q_len` queries over `kept`'s keys (select_kernel decides)."""
+    def kernel(
+        self, kept: KeptSet | None, q_len: int, device: torch.device, kv_len: int | None = None
+    ) -> AttentionKernel:
+        """This layer's kernel for `q_len` queries over `kept`'s keys, or over `kv_len` keys
+        bottom-right causal when `kept` is None (select_kernel decides)."""
+        kv_len = kept.kv_len if kept is not None else (kv_len or q_len)
+        # select_kernel reads mode "full" as "no kept set" (bottom-right causal); a
+        # full-attention layer over a cache with invalid slots has one (window FULL_WINDOW,
+        # no sinks: StreamingLLM's shape), which masks them.
+        mode = "full" if kept is None else self.sep.mode
+        mode = "streamingllm" if mode == "full" and kept is not None else mode
         pick = functools.partial(
             select_kernel,
             self.sep.attention_kernel,
             device_type=device.type,
             q_len=q_len,
-            kv_len=kept.kv_len if kept is not None else q_len,
+            kv_len=kv_len,
             window=self.window,
             head_dim=self.attn.head_dim,
             flex_available=flex_available(),
             triton_available=triton_available(device.type),
-            mode=self.sep.mode,
-            aligned=kept is None or kept.aligned,
+            mode=mode,
+            aligned=kept.aligned if kept is not None else q_len == kv_len,
         )
         dropout = self.attn.attention_dropout if self.attn.training else 0.0
         name = pick(dropout_p=dropout)
@@ -125,13 +148,35 @@ class Block(nn.Module):
                 Block._dropout_warned = True
         return get_kernel(name, self.sep)
 
-    def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:  # [B, S, hidden]
-        kernel = self.kernel(ctx.kept, ctx.seq_len, x.device)
-        attn = self.drop(self.attn(self.ln1(x), ctx.rope, kernel, self.window, ctx.kept))
+    def forward(
+        self, x: torch.Tensor, ctx: BatchContext, cache: LayerKV | None = None
+    ) -> torch.Tensor:  # [B, S, hidden]
+        if cache is None:
+            kernel = self.kernel(ctx.kept, ctx.seq_len, x.device)
+            attn = self.drop(self.attn(self.ln1(x), ctx.rope, kernel, self.window, ctx.kept))
+        else:
+            attn = self.drop(self._attend_cache(self.ln1(x), ctx, cache))
         if self.parallel_residual:  # GPT-J / NeoX: both branches read the block input
             return x + attn + self.drop(self.mlp(self.ln2(x)))
         x = x + attn
         return x + self.drop(self.mlp(self.ln2(x)))
+
+    def _attend_cache(self, x: torch.Tensor, ctx: BatchContext, cache: LayerKV) -> torch.Tensor:
+        """Attention of the step's n queries over this layer's cache ++ the step's keys, then
+        stored (x [B, n, hidden] normed -> [B, n, hidden])."""
+        n = x.shape[1]
+        pos = cache.positions(ctx.step)  # [B, n]: cache index under shift, else text position
+        rope = ctx.rotary.cos_sin(pos, x.dtype) if ctx.rotary is not None else None
+        q, k, v = self.attn.project(x, rope)
+        keys, values = cache.append(k.contiguous(), v.contiguous(), ctx.step, pos)
+        window = FULL_WINDOW if self.full else self.window
+        if self.full and bool(cache.valid.all()):
+            kept = None  # every held key is kept: bottom-right causal (the flash path)
+        else:
+            a = max(int(self.sep.init_tokens), 0) if not self.full else 0
+            kept = kept_over_cache(cache, n, a, self.sep.mode == "sepllm" and not self.full)
+        kernel = self.kernel(kept, n, x.device, kv_len=keys.shape[2])
+        return self.attn.attend(q, keys, values, kernel, window, kept)
 
 
 class OutputHead(nn.Module):
@@ -211,7 +256,15 @@ class GPTModel(nn.Module):
         self,
         input_ids: torch.Tensor,  # [B, S]
         position_ids: torch.Tensor | None = None,  # [S] or [B, S]; default arange(S)
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,  # [B, S] 1 real / 0 left padding (cache)
     ) -> torch.Tensor:  # logits [B, S, V] (V/tp under tensor parallelism)
+        """Training and full-sequence evaluation without `cache`; with one, a step of S new
+        tokens over what it holds (prefill chunk or decode), after which it compresses."""
+        if cache is not None:
+            return self._forward_cache(input_ids, cache, attention_mask)
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only read with a cache (left-padded streaming)")
         pos = token_positions(input_ids, self.sep, position_ids)  # absolute, or BiPE's
         x = self.embedding(input_ids, pos.embed)
         ctx = self.context(input_ids, pos.rope, x.dtype)
@@ -221,6 +274,21 @@ class GPTModel(nn.Module):
             else:
                 x = block(x, ctx)
         return self.output(x, self.embedding.embed.weight)
+
+    def _forward_cache(
+        self, ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:  # ids [B, n] -> logits [B, n, V]
+        check_separators(cache, self.sep.mode, list(self.sep.separator_token_ids))
+        step = cache.begin_step(ids, attention_mask)
+        try:
+            x = self.embedding(ids, cache.layer(0).positions(step))
+            ctx = BatchContext(None, None, ids.shape[1], step, self.context.rotary)
+            for i, block in enumerate(self.blocks):
+                x = block(x, ctx, cache.layer(i))
+            logits = self.output(x, self.embedding.embed.weight)
+        finally:
+            cache.end_step()
+        return logits
 
 
 def init_weights(model: nn.Module, m: ModelConfig) -> None:

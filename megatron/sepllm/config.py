@@ -41,7 +41,22 @@ class SepLLMConfig:
     attention_kernel: str = _f(
         "auto",
         "Inner attention kernel: auto (fastest measured for the device and length), dense (mask "
-        "reference), compact, flex.",
+        "reference), compact, flex, triton; sa / sa_no_deno: Self-Adjust softmax "
+        "(docs/sepllm_variants.md).",
+    )
+    sa_numerator_bias: float = _f(
+        0.0, "Self-Adjust softmax (attention_kernel sa): bias added to the numerator."
+    )
+    sa_denominator_bias: float = _f(
+        1e-10, "Self-Adjust softmax (attention_kernel sa): bias added to the denominator.", gt=0
+    )
+    bipe: bool = _f(
+        False,
+        "BiPE: learned intra-segment position embedding + RoPE on the inter-segment index "
+        "(needs pos_emb rotary; docs/sepllm_variants.md).",
+    )
+    bipe_separator_token_ids: list[int] | None = _f(
+        None, "Token ids that end a BiPE segment; None: separator_token_ids."
     )
     print_kv_ratio: bool = _f(False, "Log kept-KV ratio and attention density.")
     print_ratio_intervals: int = _f(100, "Steps between kept-ratio log lines.", ge=1)

@@ -20,6 +20,9 @@ list of names):
            window, online softmax, FlashAttention-2 style backward (kernels/triton_sep.py);
            fp32 / bf16 / fp16, GQA, head dim <= 256; aligned layout only, no dropout; CUDA,
            or CPU under TRITON_INTERPRET=1 (the tests); imported on first use
+  sa, sa_no_deno  Self-Adjust softmax (kernels/sa_softmax.py): a different attention
+           function, not a faster one, so only an explicit request runs it, over any kept set
+           and layout; `get_kernel(name, sep)` binds the section's biases
 `select_kernel` is the one place that decides which kernel runs a layer; kernels never hand
 a call to another kernel.
 """
@@ -33,10 +36,12 @@ from typing import Protocol
 
 import torch
 
+from megatron.sepllm.config import SepLLMConfig
 from megatron.sepllm.info import KeptSet
 from megatron.sepllm.kernels.causal import causal_kernel
 from megatron.sepllm.kernels.compact import compact_kernel
 from megatron.sepllm.kernels.dense import dense_kernel
+from megatron.sepllm.kernels.sa_softmax import SA_KERNELS, sa_kernel
 
 
 class AttentionKernel(Protocol):
@@ -117,12 +122,16 @@ KERNELS: dict[str, AttentionKernel] = {
     "compact": compact_kernel,
     "flex": _lazy_entry(_load_flex),
     "triton": _lazy_entry(_load_triton),
+    **{name: sa_kernel(name) for name in SA_KERNELS},  # the original's default biases
 }
 AUTO = "auto"  # not a kernel: asks select_kernel for the fastest measured one
 
 
-def get_kernel(name: str) -> AttentionKernel:
-    """The kernel registered as `name` ('auto' is resolved by `select_kernel`, not here)."""
+def get_kernel(name: str, sep: SepLLMConfig | None = None) -> AttentionKernel:
+    """The kernel registered as `name` ('auto' is resolved by `select_kernel`, not here);
+    the Self-Adjust softmax kernels take their biases from `sep` when given."""
+    if name in SA_KERNELS:
+        return sa_kernel(name, sep)
     if name not in KERNELS:
         raise ValueError(f"unknown attention kernel {name!r}; available: {sorted(KERNELS)}")
     if name == "flex":
@@ -191,9 +200,11 @@ def select_kernel(
     mode           sepllm.mode ('full' has no kept set)
     aligned        the kept set's layout is the training one (KeptSet.aligned)
 
-    Rules, in order: full mode or a window covering the sequence -> causal; an explicit
-    request for flex / triton that cannot run here raises; an explicit causal / dense request
-    is honoured; unaligned kept sets (decode) -> dense, the only kernel that reads positions;
+    Rules, in order: a Self-Adjust softmax kernel (SA_KERNELS) is honoured everywhere (it
+    changes what attention computes); full mode or a window covering the sequence -> causal;
+    an explicit request for flex / triton that cannot run here raises; an explicit causal /
+    dense request is honoured; unaligned kept sets (decode) -> dense, the only kernel that reads
+    positions;
     auto -> dense on non-CUDA devices up to AUTO_DENSE_MAX_SEQ, triton on CUDA from
     AUTO_CUDA_TRITON_MIN_SEQ (None: never, unmeasured), flex on CUDA below
     AUTO_CUDA_COMPACT_MIN_SEQ when importable, else compact; triton with dropout -> dense,
@@ -203,6 +214,8 @@ def select_kernel(
     """
     if aligned and q_len != kv_len:
         raise ValueError(f"an aligned kept set has q_len == kv_len, got {q_len} and {kv_len}")
+    if requested in SA_KERNELS:  # another attention function: never swapped for a faster one
+        return requested
     if mode == "full" or (aligned and window >= kv_len):  # every causal pair is kept
         return "causal"
     if requested not in (AUTO, *KERNELS):
