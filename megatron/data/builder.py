@@ -57,7 +57,12 @@ def open_indexed(prefix: str, vocab_size: int | None = None) -> MMapIndexedDatas
     if prefix not in _OPEN:
         ds = MMapIndexedDataset(prefix)
         if vocab_size is not None and ds.num_tokens <= _FULL_VOCAB_SCAN_TOKENS:
-            top = ds.max_token()
+            low, top = ds.token_range()
+            if low < 0:
+                raise DataError(
+                    f"{prefix}.bin: contains negative token id {low} (its .idx names dtype "
+                    f"{ds.dtype.__name__}: written as another dtype and relabelled?)"
+                )
             if top >= vocab_size:
                 raise DataError(
                     f"{prefix}.bin: contains token id {top} >= tokenizer vocab size {vocab_size} "

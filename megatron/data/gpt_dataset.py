@@ -95,6 +95,37 @@ def _save_npy(path: str, arr: np.ndarray) -> None:
         np.save(tmp, arr)
 
 
+def _load_index_arrays(paths: list[str], num_docs: int) -> tuple[np.ndarray, ...]:
+    """The cached (doc_idx, sample_idx, shuffle_idx), memory-mapped, after a check of their
+    types, shapes and value ranges (a tampered or foreign file fails here, named, instead of
+    as a numpy pickle error or an IndexError mid-run)."""
+    arrays = []
+    for p in paths:
+        try:
+            arrays.append(np.load(p, mmap_mode="r"))
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"index cache {p} is unreadable ({e})") from None
+    doc, sample, shuffle = arrays
+    checks = [
+        (doc, doc.ndim == 1 and doc.dtype.kind in "iu", 0, num_docs),
+        (
+            sample,
+            sample.ndim == 2 and sample.shape[1:] == (2,) and sample.dtype.kind in "iu",
+            None,
+            None,
+        ),
+        (shuffle, shuffle.ndim == 1 and shuffle.dtype.kind in "iu", 0, len(sample) - 1),
+    ]
+    for p, (a, shape_ok, low, high) in zip(paths, checks):
+        if not shape_ok:
+            raise DataError(f"index cache {p} holds {a.dtype} {a.shape}, not an index array")
+        if low is not None and a.size and (int(a.min()) < low or int(a.max()) >= high):
+            raise DataError(f"index cache {p} holds values outside [{low}, {high})")
+    if sample.size and (int(sample[:, 0].min()) < 0 or int(sample[:, 0].max()) >= len(doc)):
+        raise DataError(f"index cache {paths[1]} points outside {paths[0]}")
+    return doc, sample, shuffle
+
+
 class GPTDataset:
     """Map-style dataset: ``ds[i] == {"text": int64 array of seq_length + 1 tokens}``."""
 
@@ -144,7 +175,13 @@ class GPTDataset:
         root = _writable_dir(cache_dir or beside)
         base = os.path.join(root, f"{os.path.basename(prefix)}_{self.name}_{key}")
         paths = [f"{base}_{n}_idx.npy" for n in ("doc", "sample", "shuffle")]
-        if not all(os.path.exists(p) for p in paths):
+        loaded = None
+        if all(os.path.exists(p) for p in paths):
+            try:
+                loaded = _load_index_arrays(paths, len(self.indexed))
+            except DataError as e:  # derived data: rebuilt, but never used unchecked
+                log.warning("%s; rebuilding it", e)
+        if loaded is None:
             log.info("building %s index arrays for %s (%d samples)", self.name, prefix, num_samples)
             built = build_index_arrays(
                 self.indexed.sizes, documents, self.seq_length, num_samples, seed
@@ -153,7 +190,8 @@ class GPTDataset:
                 _save_npy(p, arr)
             with open(base + "_desc.json", "w") as f:
                 json.dump(desc, f, indent=1)
-        return tuple(np.load(p, mmap_mode="r") for p in paths)  # type: ignore[return-value]
+            loaded = _load_index_arrays(paths, len(self.indexed))
+        return loaded
 
     def __len__(self) -> int:
         return len(self.shuffle_idx)
@@ -172,6 +210,12 @@ class GPTDataset:
             parts += [get(int(self.doc_idx[k])) for k in range(f + 1, last)]
             parts.append(get(int(self.doc_idx[last]), 0, off_l + 1))
         text = np.concatenate(parts).astype(np.int64)
+        if text.size and int(text.min()) < 0:
+            docs = sorted({int(self.doc_idx[k]) for k in range(f, last + 1)})
+            raise DataError(
+                f"{self.indexed.prefix}.bin: negative token id {int(text.min())} in document(s) "
+                f"{docs[:5]} (the .idx names dtype {np.dtype(self.indexed.dtype)}: relabelled?)"
+            )
         if self.vocab_size is not None and text.size and int(text.max()) >= self.vocab_size:
             docs = sorted({int(self.doc_idx[k]) for k in range(f, last + 1)})
             raise DataError(

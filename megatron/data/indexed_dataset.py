@@ -99,6 +99,11 @@ class MMapIndexedDataset:
                 raise DataError(f"{p}: missing (dataset prefix {prefix!r} needs .bin and .idx)")
         idx_size = os.path.getsize(idx_path)
         self.dtype, n_seq, n_doc = _read_header(idx_path, idx_size)
+        if np.dtype(self.dtype).kind == "f":
+            raise DataError(
+                f"{idx_path}: dtype {np.dtype(self.dtype)} cannot hold token ids (an index "
+                "relabelled or written by another tool?)"
+            )
         expected = HEADER_SIZE + n_seq * 4 + n_seq * 8 + n_doc * 8
         if idx_size != expected:
             kind = "truncated" if idx_size < expected else "has trailing bytes"
@@ -160,10 +165,15 @@ class MMapIndexedDataset:
 
     def max_token(self, chunk: int = 1 << 24) -> int:
         """Largest token id (full scan, chunked so memory stays flat)."""
-        best = -1
+        return self.token_range(chunk)[1]
+
+    def token_range(self, chunk: int = 1 << 24) -> tuple[int, int]:
+        """(smallest, largest) token id, (0, -1) when empty (full scan, chunked)."""
+        low, high = 0, -1
         for s in range(0, len(self._bin), chunk):
-            best = max(best, int(self._bin[s : s + chunk].max()))
-        return best
+            part = self._bin[s : s + chunk]
+            low, high = min(low, int(part.min())), max(high, int(part.max()))
+        return low, high
 
 
 def dataset_exists(prefix: str) -> bool:
