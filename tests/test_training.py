@@ -155,6 +155,11 @@ def test_keep_last_and_complete_markers(tmp_path: Path, shakespeare) -> None:
     saved = yaml.safe_load((ck / "global_step8" / "config.yml").read_text())
     assert saved["training"]["train_batch_size"] == 4  # the resolved (derived) batch triple
     assert (ck / "global_step8" / "configs" / "c.yml").is_file()
+    # The rerun (the README's main job run twice) resumes, has nothing to train, and says so.
+    rerun = run_cli(["train.py", str(cfg), "--set", f"load={ck}"])
+    assert f"nothing to train: {ck / 'global_step8'} is at iteration 8" in rerun.stderr + (
+        rerun.stdout
+    ), rerun.stderr[-2000:]
 
 
 @pytest.mark.parametrize("mode", ["sepllm", "streamingllm"])

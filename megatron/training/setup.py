@@ -81,12 +81,13 @@ class Datasets:
 
 
 def sample_counts(cfg: Config) -> tuple[int, int, int]:
-    """Samples each split must provide for the whole run (Megatron-style)."""
+    """Samples each split must provide for the whole run (Megatron-style). The trainer never
+    evaluates on the test split (its documents are only held out), so none are built."""
     g, lg = cfg.derived.global_batch, cfg.logging
     train = cfg.training.train_iters * g
     evals = (cfg.training.train_iters // lg.eval_interval + 1) if lg.eval_interval else 1
     valid = evals * lg.eval_iters * g
-    return train, valid, lg.eval_iters * g
+    return train, valid, 0
 
 
 def build_engine(cfg: Config, model: GPTModel, mpu: Any = None) -> tuple[Any, Any]:

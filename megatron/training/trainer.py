@@ -45,6 +45,7 @@ class Trainer:
         self.engine, self.scheduler = self.steps.engine, self.steps.scheduler
         self.iteration = self.consumed_samples = self.n_evals = self.skipped_steps = 0
         self.skip_budget = SkipBudget()
+        self.resumed_from: Path | None = None  # the checkpoint this run started from
         if cfg.checkpoint.load:
             self._load()
         self.saved_iteration = self.iteration  # a resumed step is on disk already
@@ -59,7 +60,7 @@ class Trainer:
         tag = checkpoint.resolve_tag(ck)
         if tag is None:
             return
-        path = Path(ck.load) / tag
+        path = self.resumed_from = Path(ck.load) / tag
         saved = universal.saved_layout(path)
         current = (self.cfg.parallel.model_parallel_size, par.pp_size)
         if saved is None or saved == current:
@@ -210,6 +211,12 @@ class Trainer:
 
     def _summary(self, steps: int, tokens_per_step: int, seconds: float) -> str:
         """The run's last line: what it reached, where it is saved, how long it took."""
+        if steps == 0 and self.resumed_from is not None:  # a rerun of a finished run
+            return (
+                f"nothing to train: {self.resumed_from} is at iteration {self.iteration} "
+                f"(train_iters {self.cfg.training.train_iters}); raise train_iters to continue"
+            )
+        last = self.last_checkpoint or self.resumed_from or "none"
         window = self.losses[-self.cfg.logging.log_interval :]
         train = f"{sum(window) / len(window):.4f}" if window else "n/a"
         valid = f"{self.last_valid_loss:.4f}" if self.last_valid_loss is not None else "n/a"
@@ -218,7 +225,7 @@ class Trainer:
         return (
             f"run finished at iteration {self.iteration} | train loss {train} (mean of the last "
             f"{len(window)} steps) | validation loss {valid} | last checkpoint "
-            f"{self.last_checkpoint or 'none'} | wall time {h}:{rest // 60:02d}:{rest % 60:02d} "
+            f"{last} | wall time {h}:{rest // 60:02d}:{rest % 60:02d} "
             f"for {steps} steps | {rate:,.0f} tokens/s"
         )
 
@@ -390,7 +397,11 @@ def check_replicas(module: torch.nn.Module, rank: int, dp_group: object) -> None
     gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size(dp_group))]
     dist.all_gather(gathered, local, group=dp_group)
     sums = [tuple(float(x) for x in g) for g in gathered]
-    if rank == 0:
-        log.info("weight checksums per rank: %s", " ".join(f"{a:.12e}/{b:.12e}" for a, b in sums))
+    if rank == 0 and len(sums) > 1:  # one replica has nothing to compare
+        log.info(
+            "data-parallel replicas compared (sum / sum of squares of all weights); "
+            "weight checksums per rank: %s",
+            " ".join(f"{a:.12e}/{b:.12e}" for a, b in sums),
+        )
     if any(s != sums[0] for s in sums):
         raise RuntimeError(f"data-parallel replicas diverged: checksums {sums}")
