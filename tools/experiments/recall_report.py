@@ -1,0 +1,157 @@
+"""Tables and plots of the long-range recall benchmark (tools/experiments/run_recall.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+LABELS = {
+    "vanilla": "Vanilla (full attention)",
+    "streamingllm_w": "StreamingLLM(w)",
+    "sepllm_w": "SepLLM(w)",
+    "sepllm_w_nosep": "SepLLM(w), no separators in the data",
+}
+CACHES = {"sep": "SepCache", "sink": "sink cache"}
+
+
+def collect(out: Path, variants: list[str]) -> dict[str, Any]:
+    runs = {}
+    for name in variants:
+        path = out / "results" / f"{name}.json"
+        if path.is_file():
+            runs[name] = json.loads(path.read_text())
+    stream = out / "results" / "stream.json"
+    return {"runs": runs, "stream": json.loads(stream.read_text()) if stream.is_file() else None}
+
+
+def _cell(s: dict[str, Any]) -> str:
+    return "-" if not s["n"] else f"{s['acc']:.3f} ({s['n']})"
+
+
+def heldout_table(runs: dict[str, Any]) -> list[str]:
+    any_run = next(iter(runs.values()))
+    w = any_run["window"]
+    lines = [
+        f"| model | held-out loss | query loss | acc, all | acc, d <= w={w} | "
+        f"acc, w < d <= 4w | acc, d > 4w={4 * w} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        f = r["final"]
+        lines.append(
+            f"| {LABELS.get(name, name)} | {f['loss']:.3f} | {f['all']['query_loss']:.3f} | "
+            f"{_cell(f['all'])} | {_cell(f['near'])} | {_cell(f['mid'])} | **{_cell(f['far'])}** |"
+        )
+    return lines
+
+
+def curve_table(runs: dict[str, Any]) -> list[str]:
+    steps = sorted({c["step"] for r in runs.values() for c in r["curve"]})
+    lines = ["| model | " + " | ".join(str(s) for s in steps) + " |"]
+    lines.append("|---|" + "---|" * len(steps))
+    for name, r in runs.items():
+        by = {c["step"]: c["far"]["acc"] for c in r["curve"]}
+        cells = [f"{by[s]:.3f}" if s in by else "-" for s in steps]
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def stream_table(stream: dict[str, Any]) -> list[str]:
+    lines = [
+        "| model | cache | acc, all | acc, d <= w | acc, w < d <= 4w | acc, d > 4w | "
+        "fact value held | only its separator held | neither held |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, s in stream.items():
+        if "__" not in key:
+            continue
+        name, kind = key.split("__")
+        h = s["held"]
+        lines.append(
+            f"| {LABELS.get(name, name)} | {CACHES[kind]} | {_cell(s['all'])} | {_cell(s['near'])} "
+            f"| {_cell(s['mid'])} | **{_cell(s['far'])}** | {_cell(h['value_held'])} | "
+            f"{_cell(h['only_sep_held'])} | {_cell(h['neither_held'])} |"
+        )
+    return lines
+
+
+def markdown(results: dict[str, Any], pngs: list[Path]) -> str:
+    runs, parts = results["runs"], ["# Long-range recall\n"]
+    if runs:
+        r = next(iter(runs.values()))
+        parts.append(
+            f"Held-out: {r['heldout_sequences']} sequences of {r['seq_length']} tokens, "
+            f"chance accuracy {r['chance_acc']:.4f} (loss {r['chance_loss']:.3f}); "
+            "cells: accuracy (queries).\n"
+        )
+        parts += [*heldout_table(runs), "", "Accuracy at d > 4w by training step:", ""]
+        parts += [*curve_table(runs), ""]
+    if results.get("stream"):
+        s = results["stream"]
+        parts.append(
+            f"Streaming: {s['streams']} streams of {s['stream_tokens']} tokens, cache sizes "
+            f"{s['sizes']} (the sink cache: the same init and capacity), chunks of {s['chunk']}.\n"
+        )
+        parts += [*stream_table(s), ""]
+    parts += [f"![{p.stem}]({p.name})" for p in pngs]
+    return "\n".join(parts) + "\n"
+
+
+def plot_all(folder: Path, results: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    runs, pngs = results["runs"], []
+    if runs:
+        chance = next(iter(runs.values()))["chance_acc"]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, r in runs.items():
+            steps = [c["step"] for c in r["curve"]]
+            a1.plot(steps, [c["far"]["acc"] for c in r["curve"]], "o-", label=LABELS[name])
+            bins = r["final"]["by_segments"]
+            a2.plot([(b["lo"] + b["hi"]) / 2 for b in bins], [b["acc"] for b in bins], "o-")
+        for ax in (a1, a2):
+            ax.axhline(chance, color="gray", ls="--", lw=1, label="chance" if ax is a1 else None)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_ylabel("query accuracy")
+        a1.set_xlabel("training step")
+        a1.set_title("held-out, queries at d > 4w tokens")
+        a2.set_xlabel("query distance (segments)")
+        a2.set_title("held-out, last checkpoint")
+        a1.legend(fontsize=8)
+        fig.tight_layout()
+        pngs.append(folder / "recall_heldout.png")
+        fig.savefig(pngs[-1], dpi=90)
+        plt.close(fig)
+    stream = results.get("stream")
+    if stream:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for key, s in stream.items():
+            if "__" not in key:
+                continue
+            name, kind = key.split("__")
+            bins = s["by_segments"]
+            ls = "-" if kind == "sep" else ":"
+            x = [(b["lo"] + b["hi"]) / 2 for b in bins]
+            ax.plot(
+                x, [b["acc"] for b in bins], ls, marker="o", label=f"{LABELS[name]}, {CACHES[kind]}"
+            )
+        ax.axvline(
+            stream["sizes"]["sep"], color="gray", lw=1, ls="-.", label="SepCache separator slots"
+        )
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("query distance (segments)")
+        ax.set_ylabel("query accuracy")
+        ax.set_title(
+            f"streaming {stream['stream_tokens']} tokens, capacity {stream['sizes']['capacity']}"
+        )
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        pngs.append(folder / "recall_streaming.png")
+        fig.savefig(pngs[-1], dpi=90)
+        plt.close(fig)
+    return pngs
