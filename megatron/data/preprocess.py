@@ -8,6 +8,7 @@ process appends to the output. Memory stays flat: at most a few batches are in f
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import multiprocessing as mp
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from megatron.common.files import LockTimeout, file_lock
 from megatron.data.indexed_dataset import DataError, IndexedDatasetBuilder, best_dtype
 from megatron.data.readers import (
     check_input,
@@ -32,6 +34,11 @@ from megatron.data.readers import (
 from megatron.data.tokenizers import Tokenizer, make_tokenizer
 
 log = logging.getLogger(__name__)
+
+# Lines that are not documents (invalid JSON, non-UTF-8, no text under the key): more than
+# this fraction of all lines means the input or --jsonl-keys is wrong, not a few stray lines.
+MAX_BAD_FRACTION = 0.01
+BAD_REASONS = ("invalid_json", "missing_key", "non_utf8")
 
 _TOKENIZER: Tokenizer | None = None
 _JOB: dict = {}
@@ -136,16 +143,69 @@ def preprocess(
     txt_doc_per_file: bool = False,
     strict: bool = False,
     progress: bool = True,
+    max_bad_fraction: float = MAX_BAD_FRACTION,
 ) -> dict[str, PreprocessStats]:
     """Tokenize ``inputs`` into one dataset per json key; returns per-key statistics.
 
     ``workers=0`` runs in-process (tests, tiny inputs). Bad lines (invalid JSON, non-UTF-8,
-    empty, missing key) are skipped and counted, or raise with file:line when ``strict``.
+    missing key) are skipped and counted, or raise with file:line when ``strict``; more than
+    ``max_bad_fraction`` of the lines bad is an error and nothing is written. Empty lines are
+    skipped freely (paragraph breaks in text). One run at a time writes an output prefix.
     """
     if not inputs:
         raise ValueError("no input files")
     for p in inputs:
         check_input(p)
+    with _output_lock(output_prefix):
+        return _preprocess(
+            inputs,
+            output_prefix,
+            tokenizer_type,
+            vocab_file,
+            merge_file,
+            json_keys,
+            append_eod,
+            workers,
+            batch_lines,
+            txt_doc_per_file,
+            strict,
+            progress,
+            max_bad_fraction,
+        )
+
+
+@contextlib.contextmanager
+def _output_lock(output_prefix: str) -> Iterator[None]:
+    """Two runs into one prefix would both succeed, the last rename winning: refuse the
+    second, naming the first (the lock file `.<name>.preprocess.lock` stays, empty)."""
+    head, name = os.path.split(os.path.abspath(output_prefix))
+    os.makedirs(head, exist_ok=True)
+    lock = os.path.join(head, f".{name}.preprocess.lock")
+    try:
+        with file_lock(lock, timeout_s=0):
+            yield
+    except LockTimeout as e:
+        raise DataError(
+            f"another preprocessing run is writing {output_prefix} ({e}); wait for it or give "
+            "another --output-prefix"
+        ) from None
+
+
+def _preprocess(
+    inputs: list[str],
+    output_prefix: str,
+    tokenizer_type: str,
+    vocab_file: str | None,
+    merge_file: str | None,
+    json_keys: tuple[str, ...],
+    append_eod: bool,
+    workers: int,
+    batch_lines: int,
+    txt_doc_per_file: bool,
+    strict: bool,
+    progress: bool,
+    max_bad_fraction: float,
+) -> dict[str, PreprocessStats]:
     tok = make_tokenizer(tokenizer_type, vocab_file, merge_file)  # fails early on bad files
     dtype = best_dtype(tok.vocab_size)
     job = {
@@ -170,6 +230,7 @@ def preprocess(
             results = map(_encode, batches)
         _consume(results, inputs, builders, stats, strict, progress, start)
         _refuse_empty(stats, inputs)  # before finalize: no empty dataset is left behind
+        _refuse_mostly_bad(stats, inputs, max_bad_fraction)
         for b in builders.values():
             b.finalize()
     except BaseException:
@@ -201,6 +262,23 @@ def _refuse_empty(stats: dict[str, PreprocessStats], inputs: list[str]) -> None:
         + "\n  ".join(parts)
         + "\nCheck that the input is UTF-8 jsonl / txt and that --jsonl-keys names its text field."
     )
+
+
+def _refuse_mostly_bad(
+    stats: dict[str, PreprocessStats], inputs: list[str], max_fraction: float
+) -> None:
+    for s in stats.values():
+        bad = sum(s.skipped[r] for r in BAD_REASONS)
+        lines = s.docs + sum(s.skipped.values())
+        if bad > max_fraction * lines:
+            counts = ", ".join(f"{r}={s.skipped[r]}" for r in BAD_REASONS if s.skipped[r])
+            first = f"; first: {s.examples[0]}" if s.examples else ""
+            raise DataError(
+                f"preprocessing {', '.join(inputs)}: {bad:,} of {lines:,} lines are not "
+                f"documents ({counts}{first}), more than {max_fraction:.0%}; nothing written to "
+                f"{s.output_prefix}. Fix the input or --jsonl-keys, or raise "
+                "--max-bad-fraction to keep the good lines"
+            )
 
 
 def _consume(

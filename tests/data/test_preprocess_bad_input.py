@@ -38,6 +38,7 @@ def test_skipped_and_counted(messy, tmp_path, tokenizer_files) -> None:
             append_eod=True,
             workers=workers,
             progress=False,
+            max_bad_fraction=1.0,  # 4 of 8 lines bad: kept here to check the counts
         )["text"]
         assert s.docs == 2
         assert dict(s.skipped) == {"invalid_json": 1, "non_utf8": 1, "empty": 2, "missing_key": 2}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron.data.indexed_dataset import DataError
 from megatron.data.inspect import inspect_dataset
 from megatron.data.tokenizers import TOKENIZER_TYPES
 
@@ -29,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scan", action="store_true", help="Full scan: max token id vs vocab.")
     a = p.parse_args(argv)
     errors: list[str] = []
-    print(
-        inspect_dataset(
+    try:
+        text = inspect_dataset(
             a.prefix,
             a.tokenizer_type,
             a.vocab_file,
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             a.scan,
             errors,
         )
-    )
+    except (DataError, IndexError, OSError) as e:  # a missing or broken dataset: no traceback
+        print(f"inspect_data.py: error: {e}", file=sys.stderr)
+        return 1
+    print(text)
     for e in errors:  # the scan found a problem: say so last, and exit non-zero
         print(f"inspect_data.py: error: {e}", file=sys.stderr)
     return 1 if errors else 0

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from megatron.data.indexed_dataset import DataError
-from megatron.data.preprocess import preprocess
+from megatron.data.preprocess import MAX_BAD_FRACTION, preprocess
 from megatron.data.tokenizers import TOKENIZER_TYPES
 
 
@@ -30,6 +30,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-lines", type=int, default=256, help="Lines per worker task.")
     p.add_argument("--txt-doc-per-file", action="store_true", help=".txt: one document per file.")
     p.add_argument("--strict", action="store_true", help="Stop at the first bad line.")
+    p.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=MAX_BAD_FRACTION,
+        help="Fail when more than this fraction of the lines are bad (invalid JSON, non-UTF-8,"
+        f" no text under the key; empty lines do not count). Default {MAX_BAD_FRACTION}.",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -61,6 +68,7 @@ def run(a: argparse.Namespace) -> dict:
         txt_doc_per_file=a.txt_doc_per_file,
         strict=a.strict,
         progress=not a.no_progress,
+        max_bad_fraction=a.max_bad_fraction,
     )
 
 
