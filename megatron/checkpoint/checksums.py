@@ -23,7 +23,6 @@ from megatron.common.files import atomic_write_text
 log = logging.getLogger("megatron")
 
 ALGORITHM = "sha256"
-COMPLETE_NAME = "COMPLETE"  # = checkpoint.COMPLETE (checkpoint imports this module)
 CHUNK = 8 << 20
 
 

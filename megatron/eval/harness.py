@@ -9,12 +9,15 @@ with the local tasks of megatron/eval/tasks (and any --include_path), never the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from megatron.checkpoint import ReadOptions
+from megatron.checkpoint.layout import is_checkpoint
 from megatron.common.files import atomic_write_text
 from megatron.eval.lambada import DATA_FILE, resolved_task_dir
 
@@ -23,22 +26,23 @@ for _var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
 
-def is_our_checkpoint(p: Path) -> bool:
-    """A save directory with `latest`, or one global_stepN (megatron/inference/loading.py)."""
-    if (p / "latest").is_file():
-        p = p / (p / "latest").read_text().strip()
-    return (p / "config.yml").is_file() and (p / "mp_rank_00_model_states.pt").is_file()
-
-
-def model_spec(path: str) -> tuple[str, dict[str, Any]]:
-    """(lm-eval model name, model_args) for one of our checkpoints or an HF folder."""
+def model_spec(
+    path: str,
+    options: ReadOptions = ReadOptions(),  # noqa: B008  (frozen)
+) -> tuple[str, dict[str, Any]]:
+    """(lm-eval model name, model_args) for one of our checkpoints (read by the sepneox
+    adapter with `options`) or an HF folder (checked strictly here, before lm-eval's `hf`
+    backend, which would fill a missing tensor with random values)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model path {path!r} does not exist")
-    if is_our_checkpoint(p):
-        return "sepneox", {"path": str(p)}
+    if is_checkpoint(p):
+        return "sepneox", {"path": str(p), **dataclasses.asdict(options)}
     config = p / "config.json"
     if config.is_file():
+        from megatron.hf.folder import open_hf_folder
+
+        open_hf_folder(p)
         args: dict[str, Any] = {"pretrained": str(p), "dtype": "float32"}
         sep = json.loads(config.read_text()).get("sepllm")
         if isinstance(sep, dict) and sep.get("mode", "full") != "full":

@@ -19,7 +19,17 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from megatron.checkpoint import ReadOptions
 from megatron.inference.loading import Streamer, load_model
+
+
+def _flag(value: bool | str) -> bool:
+    """A model_args value: True/False from eval.py, "true"/"false" from lm_eval's CLI."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() not in ("true", "false"):
+        raise ValueError(f"sepneox model_args: expected true or false, got {value!r}")
+    return str(value).lower() == "true"
 
 
 @register_model("sepneox")
@@ -32,13 +42,18 @@ class SepneoxLM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int = 64,
         batch_size: int | str = 1,  # accepted for the CLI; scoring is one request at a time
+        verify_checkpoint_checksums: bool | str = True,
+        allow_unsafe_checkpoint_load: bool | str = False,
         **_: Any,
     ) -> None:
         super().__init__()
         source = path or pretrained
         if not source:
             raise ValueError("sepneox model: pass model_args path=<checkpoint dir>")
-        self.streamer: Streamer = load_model(source)
+        options = ReadOptions(
+            _flag(verify_checkpoint_checksums), _flag(allow_unsafe_checkpoint_load)
+        )
+        self.streamer: Streamer = load_model(source, options)
         if self.streamer.world != "ours" or self.streamer.tokenizer is None:
             raise ValueError(
                 f"{source}: the sepneox model takes our checkpoints with a tokenizer; use "

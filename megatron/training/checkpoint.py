@@ -12,7 +12,6 @@ import errno
 import json
 import logging
 import random
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,16 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
+from megatron.checkpoint import layout, safe_load, writer
+from megatron.checkpoint.reader import ReadOptions, open_checkpoint
+from megatron.checkpoint.safe_load import CheckpointLoadError
 from megatron.common.files import atomic_write_text
 from megatron.config.schema import CheckpointConfig
-from megatron.training import checksums, safe_load
-from megatron.training.safe_load import CheckpointLoadError
 
-COMPLETE = "COMPLETE"
-TRAINER_STATE = "trainer_state.json"  # the client state (iteration, consumed samples, evals)
-_TAG = re.compile(r"^global_step(\d+)$")
+COMPLETE = layout.COMPLETE
+TRAINER_STATE = layout.TRAINER_STATE  # the client state (iteration, consumed samples, evals)
 log = logging.getLogger("megatron")
 
 
@@ -38,8 +36,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def tag_for(iteration: int) -> str:
-    return f"global_step{iteration}"
+tag_for = layout.tag_for
 
 
 def _rng_state() -> dict[str, Any]:
@@ -82,21 +79,17 @@ def save(
     out = root / tag
     with _explain_os_error(root, out):
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(_rng_state(), out / f"rng_rank{rank}.pt")
+        torch.save(_rng_state(), out / layout.rng_file(rank))
         if extra is not None:
             extra(out)
         if rank == 0:
-            (out / "config.yml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
+            writer.write_config(out, resolved_config, raw_configs)
             atomic_write_text(out / TRAINER_STATE, json.dumps(client_state))
-            (out / "configs").mkdir(exist_ok=True)
-            for name, text in raw_configs.items():
-                (out / "configs" / Path(name).name).write_text(text)
     dist.barrier()
     if rank == 0:
         with _explain_os_error(root, out):
             # Checksums of every file, verified before a load (bit rot is refused).
-            checksums.write_complete(out, COMPLETE, iteration)
-            atomic_write_text(root / "latest", tag)
+            writer.finish(root, out, iteration)
         prune(root, ckpt.keep_last_n_checkpoints, keep=tag)
     dist.barrier()
     return out
@@ -125,7 +118,7 @@ def checkpoint_dirs(root: Path) -> list[tuple[int, Path, bool]]:
     """(iteration, directory, complete) of every `global_step<N>` directory, oldest first."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _TAG.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := layout.TAG.match(p.name))]
     return sorted((n, p, (p / COMPLETE).is_file()) for n, p in found if p.is_dir())
 
 
@@ -188,8 +181,8 @@ def resolve_tag(ckpt: CheckpointConfig) -> str | None:
             f"load = {ckpt.load} holds no checkpoint (no 'latest' file); refusing to start from "
             "iteration 0 silently. Fix the path or set allow_fresh_start: true."
         )
-    if tag is not None and ckpt.verify_checkpoint_checksums:
-        checksums.verify_all_ranks(Path(ckpt.load) / tag, COMPLETE)
+    if tag is not None:  # the one reader's checks: COMPLETE, checksums, strict config.yml
+        open_checkpoint(Path(ckpt.load) / tag, ReadOptions.of(ckpt))
     return tag
 
 
@@ -220,7 +213,7 @@ def load(engine: Any, ckpt: CheckpointConfig, tag: str) -> int:
         raise CheckpointError(f"DeepSpeed could not load {where}")
     if finetune:
         return 0
-    rng = where / f"rng_rank{dist.get_rank()}.pt"
+    rng = where / layout.rng_file(dist.get_rank())
     if rng.is_file():
         _set_rng_state(safe_load.load_file(rng, allow_unsafe=unsafe))
     return int(client["iteration"])

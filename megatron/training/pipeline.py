@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.checkpoint import layout
 from megatron.config.schema import Config, ModelConfig, SepLLMConfig
 from megatron.model.transformer import BatchContextBuilder, Block, Embedding, OutputHead
 from megatron.parallel.layers import SINGLE, TensorParallel, copy_to_tp
@@ -25,7 +26,7 @@ Activations = tuple[torch.Tensor, torch.Tensor]  # hidden [B, S, h], ids [B, S]
 
 
 class EmbeddingPipe(Embedding):
-    WRAPS = ""  # is GPTModel's `embedding` itself
+    WRAPS = layout.EMBEDDING_WRAPS  # is GPTModel's `embedding` itself
 
     def __init__(self, m: ModelConfig, vocab: int, tp: TensorParallel, sep: SepLLMConfig) -> None:
         super().__init__(m, vocab, tp, sep)
@@ -36,7 +37,7 @@ class EmbeddingPipe(Embedding):
 
 
 class BlockPipe(nn.Module):
-    WRAPS = "block."  # GPTModel's `blocks.<i>` sits at `self.block`
+    WRAPS = layout.BLOCK_WRAPS  # GPTModel's `blocks.<i>` sits at `self.block`
 
     def __init__(self, cfg: Config, window: int, tp: TensorParallel) -> None:
         super().__init__()
@@ -53,7 +54,7 @@ class BlockPipe(nn.Module):
 class FinalNormPipe(nn.Module):
     """Final norm (+ the untied head); with tied weights the head is the tied embedding."""
 
-    WRAPS = "output."  # GPTModel's `output` sits at `self.output`
+    WRAPS = layout.OUTPUT_WRAPS  # GPTModel's `output` sits at `self.output`
 
     def __init__(self, cfg: Config, vocab: int, tp: TensorParallel) -> None:
         super().__init__()
@@ -101,15 +102,6 @@ def pieces(cfg: Config, tp: TensorParallel) -> list[Piece]:
     if tied:  # the head: the same tied embedding, applied as a projection
         out.append(Piece(EmbeddingPipe, emb, tied=True, forward_fn=_tied_head(tp)))
     return out
-
-
-def piece_sources(model: ModelConfig) -> list[tuple[str, str]]:
-    """(GPTModel prefix, prefix inside the layer) of each parameter-holding piece, by pipeline
-    layer index, from the model section alone: how a checkpoint's per-layer files
-    (`layer_LL-model_TT-model_states.pt`) map to GPTModel names. Same order as `pieces`."""
-    out = [("embedding.", EmbeddingPipe.WRAPS)]
-    out += [(f"blocks.{i}.", BlockPipe.WRAPS) for i in range(model.num_layers)]
-    return out + [("output.", FinalNormPipe.WRAPS)]
 
 
 def layer_specs(cfg: Config, tp: TensorParallel) -> list[Any]:

@@ -1,7 +1,8 @@
 """Layout-independent checkpoints: full (unsharded) weights and Adam state keyed by the
 single-device parameter names, so a run saved at one TP/PP layout resumes at another.
 
-Written beside DeepSpeed's own files as `<tag>/universal/{model.pt,optim.pt,meta.json}`; loaded
+Written beside DeepSpeed's own files as `<tag>/universal/{state.pt,meta.json}` (names and
+writer in megatron/checkpoint); loaded
 when the saved layout differs from the current one. Scope: ZeRO stage 0 with the fp32
 optimizer (ZeRO 1-3 and the bf16 optimizer keep Adam state in flat partitions; resuming those
 at another layout is refused with a clear error).
@@ -9,18 +10,18 @@ at another layout is refused with a clear error).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from megatron.checkpoint import layout as disk
+from megatron.checkpoint import safe_load, writer
 from megatron.config.schema import Config
 from megatron.model.transformer import GPTModel
 from megatron.parallel.layers import Layout, param_layouts
 from megatron.parallel.topology import Parallelism
-from megatron.training import safe_load
 from megatron.training.pipeline import pipe_names
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -104,10 +105,6 @@ def save(path: Path, engine: Any, cfg: Config, par: Parallelism, iteration: int)
     full = gather_full(engine, cfg, par) if why is None else None
     if dist.get_rank() != 0:
         return
-    out = path / "universal"
-    out.mkdir(parents=True, exist_ok=True)
-    if full is not None:
-        torch.save(full, out / "state.pt")
     meta = {
         "iteration": iteration,
         "model_parallel_size": cfg.parallel.model_parallel_size,
@@ -115,11 +112,18 @@ def save(path: Path, engine: Any, cfg: Config, par: Parallelism, iteration: int)
         "full_state": full is not None,
         "why_not": why,
     }
-    (out / "meta.json").write_text(json.dumps(meta))
+    writer.write_universal(path, full, meta)
 
 
 def saved_iteration(path: Path) -> int:
-    return int(json.loads((path / "universal" / "meta.json").read_text())["iteration"])
+    return int(_meta(path)["iteration"])
+
+
+def _meta(path: Path) -> dict[str, Any]:
+    meta = disk.read_universal_meta(path)
+    if meta is None:
+        raise FileNotFoundError(f"{disk.universal_dir(path)} holds no {disk.UNIVERSAL_META}")
+    return meta
 
 
 def restore_counters(engine: Any, scheduler: Any, iteration: int) -> None:
@@ -131,16 +135,13 @@ def restore_counters(engine: Any, scheduler: Any, iteration: int) -> None:
 
 
 def saved_layout(path: Path) -> tuple[int, int] | None:
-    meta = path / "universal" / "meta.json"
-    if not meta.is_file():
-        return None
-    m = json.loads(meta.read_text())
-    return m["model_parallel_size"], m["pipe_parallel_size"]
+    m = disk.read_universal_meta(path)
+    return None if m is None else (m["model_parallel_size"], m["pipe_parallel_size"])
 
 
 def load(path: Path, engine: Any, cfg: Config, par: Parallelism, finetune: bool) -> None:
     """Load full state into this rank's (possibly sharded / staged) parameters."""
-    meta = json.loads((path / "universal" / "meta.json").read_text())
+    meta = _meta(path)
     if not meta["full_state"]:
         raise RuntimeError(
             f"{path} was saved at TP x PP = {meta['model_parallel_size']} x "
@@ -152,7 +153,7 @@ def load(path: Path, engine: Any, cfg: Config, par: Parallelism, finetune: bool)
             f"resharding {path} restores Adam state for ZeRO stage 0 with fp32 only "
             f"({supported(cfg)} in this run); use finetune: true to load the weights only"
         )
-    state_file = path / "universal" / "state.pt"
+    state_file = disk.universal_dir(path) / disk.UNIVERSAL_STATE
     full = safe_load.load_file(state_file, allow_unsafe=cfg.checkpoint.allow_unsafe_checkpoint_load)
     module, opt = engine.module, engine.optimizer
     names = _local_names(module, cfg, par.pp_size > 1)

@@ -7,8 +7,9 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import yaml
 
+from megatron.checkpoint import writer
+from megatron.checkpoint.layout import model_states_file
 from megatron.config.schema import DataConfig, ModelConfig, SepLLMConfig
 from megatron.hf.adapters import family, hf_config, to_hf
 from megatron.model.transformer import GPTModel
@@ -27,7 +28,8 @@ TEXT = "To be, or not to be: that is the question.\nWhether 'tis nobler in the m
 
 
 def write_checkpoint(root: Path, spec: dict | None = None, sep: SepLLMConfig | None = None) -> Path:
-    """<root>/latest + global_step1/{config.yml, mp_rank_00_model_states.pt}; returns root."""
+    """<root>/latest + global_step1/{config.yml, mp_rank_00_model_states.pt, COMPLETE}, as the
+    trainer writes them at TP = PP = 1; returns root."""
     torch.manual_seed(0)
     m, sep = ModelConfig(**(spec or SPEC)), sep or SepLLMConfig()
     model = GPTModel(m, sep, VOCAB)
@@ -39,9 +41,9 @@ def write_checkpoint(root: Path, spec: dict | None = None, sep: SepLLMConfig | N
         "sepllm": dataclasses.asdict(sep),
         "data": dataclasses.asdict(data),
     }
-    (step / "config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    torch.save({"module": model.state_dict()}, step / "mp_rank_00_model_states.pt")
-    (root / "latest").write_text("global_step1")
+    writer.write_config(step, cfg, {})
+    torch.save({"module": model.state_dict()}, step / model_states_file(0))
+    writer.finish(root, step, 1)
     return root
 
 

@@ -250,9 +250,10 @@ def test_pipeline_names_match_a_built_pipeline_module() -> None:
 def test_piece_sources_follow_the_pipeline_pieces(config: str) -> None:
     """The checkpoint reader maps per-layer files through `piece_sources` (model section
     only); it must list the parameter-holding pieces in pipeline order (tied or untied)."""
+    from megatron.checkpoint.layout import piece_sources
     from megatron.config.loader import load_config
     from megatron.config.validate import finalize
-    from megatron.training.pipeline import piece_sources, pieces
+    from megatron.training.pipeline import pieces
 
     cfg = finalize(load_config([ROOT / config]), 1, 8192)
     want = [(p.source, p.cls.WRAPS) for p in pieces(cfg, SINGLE) if p.source]

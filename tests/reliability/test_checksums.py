@@ -1,6 +1,6 @@
 """Reliability case 8: bit rot in a COMPLETE checkpoint is refused, naming the file.
 
-COMPLETE holds a SHA-256 per file (megatron/training/checksums.py); resolve_tag verifies them
+COMPLETE holds a SHA-256 per file (megatron/checkpoint/checksums.py); resolve_tag verifies them
 before any load. Unit tests on a small directory plus one end-to-end resume of a real
 checkpoint with one flipped byte.
 """
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron.training.checksums import COMPLETE_NAME, ChecksumError, verify, verify_all_ranks
-from megatron.training.checksums import write_complete as complete
+from megatron.checkpoint.checksums import ChecksumError, verify, verify_all_ranks
+from megatron.checkpoint.checksums import write_complete as complete
+from megatron.checkpoint.layout import COMPLETE as COMPLETE_NAME
 from tests.conftest import run_cli, write_config
 
 

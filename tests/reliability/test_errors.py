@@ -15,9 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron.checkpoint.checksums import write_complete
+from megatron.checkpoint.layout import COMPLETE as COMPLETE_NAME
 from megatron.config.schema import CheckpointConfig
 from megatron.training import checkpoint, universal
-from megatron.training.checksums import COMPLETE_NAME, write_complete
 from tests.conftest import ROOT, run_cli, write_config
 
 

@@ -1,6 +1,6 @@
 """Reliability case 2: loading a checkpoint never runs code stored in it.
 
-Unit tests of megatron/training/safe_load.py (a malicious `__reduce__` in our files and in a
+Unit tests of megatron/checkpoint/safe_load.py (a malicious `__reduce__` in our files and in a
 DeepSpeed model-states file; the opt-in key; corrupted files named), plus one end-to-end
 resume from a tampered `rng_rank0.pt`.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.training import checksums, safe_load
-from megatron.training.safe_load import CheckpointLoadError
+from megatron.checkpoint import checksums, layout, safe_load
+from megatron.checkpoint.safe_load import CheckpointLoadError
 from tests.conftest import run_cli, write_config
 
 
@@ -97,8 +97,8 @@ def test_resume_from_tampered_rng_file_is_refused(tmp_path: Path, shakespeare) -
     step = save / "global_step2"
     marker = tmp_path / "pwned"
     tampered(step / "rng_rank0.pt", marker)
-    manifest = json.loads((step / checksums.COMPLETE_NAME).read_text())
-    checksums.write_complete(step, checksums.COMPLETE_NAME, manifest["iteration"])
+    manifest = json.loads((step / layout.COMPLETE).read_text())
+    checksums.write_complete(step, layout.COMPLETE, manifest["iteration"])
     resume = write_config(
         tmp_path, shakespeare, "r.yml", train_iters=4, checkpoint_factor=2, load=str(save)
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from megatron.training.checksums import COMPLETE_NAME
+from megatron.checkpoint.layout import COMPLETE as COMPLETE_NAME
 from tests.conftest import ROOT, write_config
 
 BOUND_S = 60  # DeepSpeed's launcher SIGKILLs ranks 30 s after its SIGTERM; ours stop sooner
