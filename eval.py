@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Any
 
+from megatron.checkpoint import READ_ERRORS, add_read_args, read_options
 from megatron.config.loader import ConfigError, build_config, merge_sources, read_yaml
 
 NEOX_KEYS = {"eval_tasks": "tasks", "eval_num_fewshot": "num_fewshot"}
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--bootstrap_iters", type=int, default=100000, help="0 = no stderr")
     p.add_argument("--include_path", nargs="*", default=[], help="more task YAML directories")
+    add_read_args(p)
     return p.parse_args(argv)
 
 
@@ -85,7 +87,7 @@ def settings(argv: list[str] | None) -> argparse.Namespace:
     if not path:
         raise ValueError("no model: pass --model_name_or_path, --model, or a config with `load`")
     extra = parse_model_args(args.model_args)  # e.g. max_length=256 on top of the detected ones
-    args.model, args.model_args = model_spec(path)
+    args.model, args.model_args = model_spec(path, read_options(args))
     args.model_args.update(extra)
     return args
 
@@ -122,6 +124,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, ConfigError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, ConfigError, RuntimeError, *READ_ERRORS) as e:
         print(f"eval.py: {e}", file=sys.stderr)
         sys.exit(2)

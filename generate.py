@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from megatron.checkpoint import READ_ERRORS, add_read_args, read_options
 from megatron.common.files import atomic_write_text
 from megatron.config.loader import ConfigError, build_config, merge_sources, read_yaml
 from megatron.inference.loading import Streamer, check_separator_ids, load_model
@@ -61,6 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="cpu")
     add_cache_args(p)
+    add_read_args(p)
     return p.parse_args(argv)
 
 
@@ -140,7 +142,7 @@ def run_one(
 
 def main(argv: list[str] | None = None) -> list[dict[str, str]]:
     args = settings(sys.argv[1:] if argv is None else argv)
-    streamer = load_model(args.model_name_or_path)
+    streamer = load_model(args.model_name_or_path, read_options(args))
     if streamer.tokenizer is None:
         raise ValueError(f"{streamer.source} has no tokenizer")
     seps = (
@@ -177,6 +179,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, str]]:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, ConfigError) as e:
+    except (ValueError, FileNotFoundError, ConfigError, *READ_ERRORS) as e:
         print(f"generate.py: {e}", file=sys.stderr)
         sys.exit(2)

@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from megatron.checkpoint import add_read_args, read_options
 from megatron.inference.loading import Streamer, check_separator_ids, load_model
 from megatron.inference.options import add_cache_args, cache_kind, check_sizes, policies
 from megatron.inference.perplexity import (
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--overwrite", action="store_true", help="replace earlier results in --output_dir"
     )
     add_cache_args(p)
+    add_read_args(p)
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.chunk_size < 1:
         p.error("--num_samples and --chunk_size must be >= 1")
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_sizes(args)
     check_source(args.dataset_name)
     check_output_dir(args.output_dir, args.overwrite)  # before the work, not after it
-    streamer = load_model(args.model_name_or_path)
+    streamer = load_model(args.model_name_or_path, read_options(args))
     layer_policies = policies(args, streamer.num_layers)
     seps = args.separator_token_ids
     if seps is None:
