@@ -22,7 +22,9 @@ from typing import Any, Protocol
 
 import torch
 
+from megatron.sepllm.config import SepLLMConfig
 from megatron.sepllm.info import KeptSet
+from megatron.sepllm.kernels import flex_available, select_kernel, triton_available
 
 # A window covering any text distance, for layers that trained with full attention; the
 # cache's invalid slots sit at positions far below every real one, outside it.
@@ -63,6 +65,51 @@ def kept_over_cache(
         is_sep = torch.zeros_like(is_sep)
     start = torch.zeros(key_pos.shape[0], dtype=torch.long, device=key_pos.device)
     return KeptSet.from_cache(key_pos, is_sep, start, init_tokens, key_pos[:, -n:])
+
+
+def layer_kept(
+    layer: LayerKV, n: int, sep: SepLLMConfig, window: int, full: bool
+) -> tuple[KeptSet | None, int]:
+    """(kept set, window) of a step's n queries over what `layer` holds: None (bottom-right
+    causal) for a layer that trained with full attention when every held slot is real; else
+    the kept rule, with FULL_WINDOW for full layers (it then only masks invalid slots)."""
+    if full and bool(layer.valid.all()):
+        return None, FULL_WINDOW
+    if full:
+        return kept_over_cache(layer, n, 0, False), FULL_WINDOW
+    a = max(int(sep.init_tokens), 0)
+    return kept_over_cache(layer, n, a, sep.mode == "sepllm"), window
+
+
+def kernel_name(
+    sep: SepLLMConfig,
+    kept: KeptSet | None,
+    q_len: int,
+    kv_len: int,
+    window: int,
+    head_dim: int,
+    dropout_p: float,
+    device_type: str,
+) -> str:
+    """`select_kernel` for one layer call: training (aligned), or a step over a cache (kept set
+    from the cache, or None: bottom-right causal over every held key)."""
+    # select_kernel reads mode "full" as "no kept set"; a full-attention layer over a cache
+    # with invalid slots has one (window FULL_WINDOW, no sinks: StreamingLLM's shape).
+    mode = "full" if kept is None else sep.mode
+    mode = "streamingllm" if mode == "full" and kept is not None else mode
+    return select_kernel(
+        sep.attention_kernel,
+        device_type=device_type,
+        q_len=q_len,
+        kv_len=kv_len,
+        window=window,
+        head_dim=head_dim,
+        dropout_p=dropout_p,
+        flex_available=flex_available(),
+        triton_available=triton_available(device_type),
+        mode=mode,
+        aligned=kept.aligned if kept is not None else q_len == kv_len,
+    )
 
 
 def check_separators(cache: KVCache, mode: str, trained: list[int]) -> None:

@@ -21,13 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.config.schema import ModelConfig, SepLLMConfig
 from megatron.model.attention import SelfAttention
-from megatron.model.cache import (
-    FULL_WINDOW,
-    KVCache,
-    LayerKV,
-    check_separators,
-    kept_over_cache,
-)
+from megatron.model.cache import KVCache, LayerKV, check_separators, kernel_name, layer_kept
 from megatron.model.mlp import build_mlp
 from megatron.model.norms import build_norm
 from megatron.model.rotary import RotaryEmbedding
@@ -42,13 +36,7 @@ from megatron.parallel.layers import (
 )
 from megatron.sepllm.bipe import token_positions
 from megatron.sepllm.info import KeptSet, build_kept_set
-from megatron.sepllm.kernels import (
-    AttentionKernel,
-    flex_available,
-    get_kernel,
-    select_kernel,
-    triton_available,
-)
+from megatron.sepllm.kernels import AttentionKernel, get_kernel
 
 
 @dataclass
@@ -117,28 +105,20 @@ class Block(nn.Module):
         """This layer's kernel for `q_len` queries over `kept`'s keys, or over `kv_len` keys
         bottom-right causal when `kept` is None (select_kernel decides)."""
         kv_len = kept.kv_len if kept is not None else (kv_len or q_len)
-        # select_kernel reads mode "full" as "no kept set" (bottom-right causal); a
-        # full-attention layer over a cache with invalid slots has one (window FULL_WINDOW,
-        # no sinks: StreamingLLM's shape), which masks them.
-        mode = "full" if kept is None else self.sep.mode
-        mode = "streamingllm" if mode == "full" and kept is not None else mode
         pick = functools.partial(
-            select_kernel,
-            self.sep.attention_kernel,
+            kernel_name,
+            self.sep,
+            kept,
+            q_len,
+            kv_len,
+            self.window,
+            self.attn.head_dim,
             device_type=device.type,
-            q_len=q_len,
-            kv_len=kv_len,
-            window=self.window,
-            head_dim=self.attn.head_dim,
-            flex_available=flex_available(),
-            triton_available=triton_available(device.type),
-            mode=mode,
-            aligned=kept.aligned if kept is not None else q_len == kv_len,
         )
         dropout = self.attn.attention_dropout if self.attn.training else 0.0
-        name = pick(dropout_p=dropout)
+        name = pick(dropout)
         if name == "dense" and dropout > 0.0 and not Block._dropout_warned:
-            fast = pick(dropout_p=0.0)
+            fast = pick(0.0)
             if fast != "dense":
                 warnings.warn(
                     f"attention dropout > 0: the {fast} kernel has none, so the dense kernel "
@@ -169,12 +149,7 @@ class Block(nn.Module):
         rope = ctx.rotary.cos_sin(pos, x.dtype) if ctx.rotary is not None else None
         q, k, v = self.attn.project(x, rope)
         keys, values = cache.append(k.contiguous(), v.contiguous(), ctx.step, pos)
-        window = FULL_WINDOW if self.full else self.window
-        if self.full and bool(cache.valid.all()):
-            kept = None  # every held key is kept: bottom-right causal (the flash path)
-        else:
-            a = max(int(self.sep.init_tokens), 0) if not self.full else 0
-            kept = kept_over_cache(cache, n, a, self.sep.mode == "sepllm" and not self.full)
+        kept, window = layer_kept(cache, n, self.sep, self.window, self.full)
         kernel = self.kernel(kept, n, x.device, kv_len=keys.shape[2])
         return self.attn.attend(q, keys, values, kernel, window, kept)
 
