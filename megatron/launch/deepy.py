@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -372,7 +374,22 @@ def config_dir(cfg: Config, requested: str | None) -> str:
         return os.path.abspath(requested)
     if cfg.checkpoint.save:
         return os.path.join(os.path.abspath(cfg.checkpoint.save), "launch")
-    return os.path.join(tempfile.gettempdir(), f"deepy-{os.getuid()}")
+    return private_temp_dir()
+
+
+def private_temp_dir() -> str:
+    """`<tmp>/deepy-<uid>`, created mode 0700. Anything else found there (a symlink another
+    user planted, another owner, open permissions) is not written through: a fresh private
+    `mkdtemp` directory is used instead."""
+    path = os.path.join(tempfile.gettempdir(), f"deepy-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
+        return path
+    fresh = tempfile.mkdtemp(prefix=f"deepy-{os.getuid()}-")
+    log.warning("deepy.py: %s is not a private directory of this user; using %s", path, fresh)
+    return fresh
 
 
 def config_file_name() -> str:
@@ -439,6 +456,13 @@ SINGLE_PROCESS_SCRIPTS = ("generate.py", "eval.py")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].endswith((".yml", ".yaml")):
+        print(
+            f"deepy.py: the first argument is the script to run on every rank, got the config "
+            f"{argv[0]}: python deepy.py train.py {' '.join(argv)}",
+            file=sys.stderr,
+        )
+        return 2
     if argv and os.path.basename(argv[0]) in SINGLE_PROCESS_SCRIPTS:
         log.info("%s runs in one process: python %s", argv[0], " ".join(argv))
         return subprocess.call([sys.executable, *argv])
@@ -458,7 +482,16 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_dry_run(plan, path, directory))
         return 0
     if path is not None:
-        write_sources_file(path, sources, raw)
+        try:
+            write_sources_file(path, sources, raw)
+        except OSError as exc:  # e.g. `save` is a file or read-only: the pre-flight's wording
+            print(
+                f"deepy.py: cannot write the launch config {path} (save = {cfg.checkpoint.save}"
+                f"): {exc.strerror} ({errno.errorcode.get(exc.errno or 0, '?')}); give a "
+                "writable save directory, or --config-dir",
+                file=sys.stderr,
+            )
+            return 2
     log.info("%s", describe(plan))
     return execute(plan)
 
