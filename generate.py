@@ -6,12 +6,16 @@
     python generate.py --model_name_or_path checkpoints/tiny --text_gen_type interactive
     python generate.py configs/tiny.yml configs/text_generation.yml        # NeoX style
 
+    python generate.py -d configs tiny.yml text_generation.yml -i prompts.txt -o out.jsonl
+
 NeoX style: the YAMLs hold the model config (its `load`, else `save`, is the checkpoint) and
-the generation keys `text_gen_type: unconditional | input-file | interactive`,
-`sample_input_file`, `sample_output_file`, `maximum_tokens`, `temperature`, `top_p`, `top_k`
-(plus the cache options of docs/streaming.md under the same names as on the command line).
-Tokens are printed as they are produced; input-file results go to sample_output_file as JSON
-lines {"context", "text"}.
+NeoX's text_generation.yml keys `text_gen_type: unconditional | input-file | interactive`,
+`sample_input_file`, `sample_output_file`, `maximum_tokens`, `prompt_end`, `temperature`,
+`top_p`, `top_k`, `num_samples`, `recompute` (plus the cache options of docs/streaming.md
+under the same names as on the command line, and `overwrite`). Tokens are printed as they are
+produced; the results of every mode go to sample_output_file (input-file: samples.jsonl when
+unset) as JSON lines {"context", "text"}, written atomically; an existing file is refused
+before any work unless --overwrite.
 """
 
 from __future__ import annotations
@@ -35,24 +39,37 @@ GEN_TYPES = ("unconditional", "input-file", "interactive")
 GEN_DEFAULTS: dict[str, Any] = {
     "text_gen_type": None,
     "sample_input_file": None,
-    "sample_output_file": "samples.jsonl",
+    "sample_output_file": None,
     "maximum_tokens": 64,
     "temperature": 1.0,
     "top_p": 0.0,
     "top_k": 0,
     "num_samples": 1,
     "prompt_end": "\n",
+    "recompute": False,
+    "overwrite": False,
 }
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("configs", nargs="*", help="NeoX style: model + text_generation YAMLs")
+    p.add_argument("-d", "--conf_dir", default=None, help="directory the YAML names are in")
     p.add_argument("--model_name_or_path", default=None)
     p.add_argument("--prompt", default=None, help="one prompt (else text_gen_type decides)")
     p.add_argument("--text_gen_type", choices=GEN_TYPES, default=None)
-    p.add_argument("--sample_input_file", default=None)
-    p.add_argument("--sample_output_file", default=None)
+    p.add_argument("-i", "--sample_input_file", default=None)
+    p.add_argument(
+        "-o", "--sample_output_file", default=None, help="JSON lines {context, text}, any mode"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--prompt_end", default=None, help="prompt separator of an input file")
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        default=None,
+        help="NeoX: recompute attention instead of caching; same tokens (full cache only)",
+    )
     p.add_argument("--maximum_tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top_p", type=float, default=None)
@@ -71,7 +88,7 @@ def _yaml_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str | None
     ours = set(GEN_DEFAULTS) | set(vars(parse_args([])))
     gen: dict[str, Any] = {}
     rest = []
-    for path in args.configs:
+    for path in [os.path.join(args.conf_dir or "", c) for c in args.configs]:
         raw = read_yaml(path)
         model_part = {}
         for key, value in raw.items():
@@ -105,12 +122,45 @@ def settings(argv: list[str]) -> argparse.Namespace:
         args.text_gen_type = "input-file" if args.sample_input_file else "unconditional"
     if args.text_gen_type not in GEN_TYPES:
         raise ValueError(f"text_gen_type {args.text_gen_type!r}: one of {GEN_TYPES}")
+    if args.text_gen_type == "input-file" and args.sample_output_file is None:
+        args.sample_output_file = "samples.jsonl"  # NeoX writes input-file results somewhere
     if args.text_gen_type == "input-file" and args.prompt is None:
         if not args.sample_input_file or not os.path.isfile(args.sample_input_file):
             raise FileNotFoundError(f"sample_input_file {args.sample_input_file!r} does not exist")
     check_sizes(args)
+    _check_recompute(args)
+    _check_output(args.sample_output_file, args.overwrite)
     args.sampling = Sampling(args.temperature, args.top_k, args.top_p, args.maximum_tokens)
     return args
+
+
+def _check_recompute(args: argparse.Namespace) -> None:
+    """NeoX's `recompute: true` recomputes every key each step: the same tokens as a full
+    cache, so it is accepted as one; it cannot be combined with an evicting cache."""
+    if args.recompute not in (True, False):
+        raise ValueError(f"recompute must be true or false, got {args.recompute!r}")
+    if args.recompute and args.enable_kv_cache_manager:
+        raise ValueError(
+            "recompute: true recomputes attention over the whole text; it cannot be combined "
+            "with an evicting cache (--enable_kv_cache_manager)"
+        )
+    if args.recompute:
+        print("generate.py: recompute: true gives the same tokens as the full cache used here")
+
+
+def _check_output(path: str | None, overwrite: bool) -> None:
+    """Before any work: the output file's folder exists and an existing file is not replaced
+    unless asked (the file itself is written atomically at the end)."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"sample_output_file {path}: folder {folder} does not exist")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(
+            f"sample_output_file {path} exists; pass --overwrite (or `overwrite: true`) to "
+            "replace it, or choose another file"
+        )
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -118,7 +168,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         return [args.prompt]
     if args.text_gen_type == "input-file":
         with open(args.sample_input_file, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
+            text = f.read()
+        # NeoX splits the file at prompt_end (a newline by default).
+        return [p.strip("\n") for p in text.split(args.prompt_end) if p.strip()]
     return [""] * args.num_samples  # unconditional
 
 
@@ -165,15 +217,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, str]]:
                     "text": run_one(streamer, args, line.rstrip("\n"), seps, g),
                 }
             )
+        _write(args, results)
         return results
     for prompt in _prompts(args):
         results.append({"context": prompt, "text": run_one(streamer, args, prompt, seps, g)})
-    if (
-        args.text_gen_type == "input-file"
-        or args.sample_output_file != GEN_DEFAULTS["sample_output_file"]
-    ):
-        atomic_write_text(args.sample_output_file, "".join(json.dumps(r) + "\n" for r in results))
+    _write(args, results)
     return results
+
+
+def _write(args: argparse.Namespace, results: list[dict[str, str]]) -> None:
+    if args.sample_output_file is not None:
+        text = "".join(json.dumps(r) + "\n" for r in results)
+        atomic_write_text(args.sample_output_file, text)
+        print(f"generate.py: {len(results)} samples -> {args.sample_output_file}")
 
 
 if __name__ == "__main__":

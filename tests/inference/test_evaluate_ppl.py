@@ -20,7 +20,7 @@ evaluate_ppl = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(evaluate_ppl)
 
 SEP = ["--enable_kv_cache_manager", "--enable_SepLLM", "--enable_pos_shift"]
-SINK = ["--enable_kv_cache_manager", "--enable_StreamingLLM", "--enable_pos_shift"]
+SINK = ["--enable_kv_cache_manager", "--enable_SepLLM", "False", "--enable_StreamingLLM", "True"]
 SIZES = [
     "--init_cache_size",
     "4",
@@ -52,7 +52,7 @@ def run(models: dict[str, Path], out: Path, world: str, extra: list[str]) -> dic
 
 def test_short_stream_same_ppl_for_every_cache(models: dict[str, Path], tmp_path: Path) -> None:
     n = ["--num_eval_tokens", "40"]  # shorter than c = 48: nothing is evicted
-    full = run(models, tmp_path / "full", "ours", n)
+    full = run(models, tmp_path / "full", "ours", [*n, "--enable_kv_cache_manager", "False"])
     sep = run(models, tmp_path / "sep", "ours", [*SEP, *n, "--chunk_size", "7"])
     sink = run(models, tmp_path / "sink", "ours", [*SINK, *n])
     assert full["num_tokens"] == 40
@@ -64,6 +64,9 @@ def test_short_stream_same_ppl_for_every_cache(models: dict[str, Path], tmp_path
     assert math.exp(sum(nll) / len(nll)) == pytest.approx(sep["ppl"], rel=1e-5)
     summary = json.loads((tmp_path / "sep" / "summary.json").read_text())
     assert summary["options"]["cache"] == "sep" and summary["peak_memory_bytes"] > 0
+    assert json.loads((tmp_path / "full" / "summary.json").read_text())["options"]["cache"] == (
+        "full"
+    )
 
 
 def test_long_stream_both_worlds_agree_and_stay_bounded(
@@ -87,7 +90,7 @@ def test_ppl_checkpoints() -> None:
     "extra, match",
     [
         (["--enable_kv_cache_manager", "--enable_SepLLM", "--cache_size", "30"], "< cache_size"),
-        (["--enable_kv_cache_manager"], "needs --enable_SepLLM"),
+        (["--enable_SepLLM", "False"], "needs --enable_SepLLM"),
         (["--separator_token_ids", "13,9999"], "outside the vocabulary"),
     ],
 )

@@ -1,11 +1,13 @@
 """Streaming perplexity with SepCache / sink / full caches (the original
-`evaluate_streaming_inputs_perplexity.py` options, unchanged), on our checkpoints or a
-transformers folder.
+`evaluate_streaming_inputs_perplexity.py` options: its flag syntax `--enable_SepLLM True`, or
+bare `--enable_SepLLM`, and its defaults when a flag is omitted: SepCache 4 / 64 / 224 / 324
+with positional shift), on our checkpoints or a transformers folder.
 
     python tools/streaming/evaluate_ppl.py --model_name_or_path checkpoints/tiny \
-        --dataset_name bundled --num_eval_tokens 20000 --enable_kv_cache_manager \
-        --enable_SepLLM --enable_pos_shift --init_cache_size 4 --sep_cache_size 32 \
-        --local_size 224 --cache_size 324 --output_dir outputs/sepllm
+        --dataset_name bundled --num_eval_tokens 20000 --enable_kv_cache_manager True \
+        --enable_SepLLM True --enable_StreamingLLM False --enable_pos_shift True \
+        --init_cache_size 4 --sep_cache_size 32 --local_size 224 --cache_size 324 \
+        --output_dir outputs/sepllm
 
 --dataset_name: a local .txt / .jsonl / .parquet file, `bundled` (the Shakespeare corpus) or
 a hub dataset (needs `datasets` and network). Writes summary.json, nll.txt,
@@ -21,7 +23,13 @@ import torch
 
 from megatron.checkpoint import add_read_args, read_options
 from megatron.inference.loading import Streamer, check_separator_ids, load_model
-from megatron.inference.options import add_cache_args, cache_kind, check_sizes, policies
+from megatron.inference.options import (
+    ORIGINAL_DEFAULTS,
+    add_cache_args,
+    cache_kind,
+    check_sizes,
+    policies,
+)
 from megatron.inference.perplexity import (
     check_output_dir,
     check_scored,
@@ -45,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--overwrite", action="store_true", help="replace earlier results in --output_dir"
     )
-    add_cache_args(p)
+    add_cache_args(p, ORIGINAL_DEFAULTS)  # the original's flags, syntax and defaults
     add_read_args(p)
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.chunk_size < 1:
