@@ -30,7 +30,8 @@ def test_every_original_key_has_an_alias() -> None:
     for key, fn in SEPLLM_ALIASES.items():
         ints = ("PADDING_ID", "prefill_local_window_size", "generate_local_window_size")
         ints += ("init_tok_max_idx", "print_ratio_intervals")
-        value = [1, 2] if "list" in key or key == "separator_token_ids" else False
+        lists = ("separator_token_ids", "BiPE_seps")
+        value = [1, 2] if "list" in key or key in lists else False
         value = 3 if key in ints else value
         value = 0.5 if key.endswith("_Bias") else value
         assert set(fn(value)) <= fields, key
@@ -95,7 +96,7 @@ def test_apply_aliases_section() -> None:
         }
     )
     assert out == {"mode": "sepllm", "init_tokens": 4, "local_window": 64}
-    with pytest.raises(ValueError, match="conflicts"):
+    with pytest.raises(ValueError, match="at most one of"):
         apply_sepllm_aliases({"USE_ORIGINAL_FULL_ATTEN": True, "streamingLLM": True})
     assert lookup_alias("streamingllm") == "streamingLLM"  # case-insensitive fallback
     assert lookup_alias("separator-token-ids") == "separator_token_ids"
