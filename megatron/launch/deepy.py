@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron.common.accelerator import pin_cpu_accelerator
 from megatron.config.launcher import MPI_LAUNCHERS, validate_launcher
 from megatron.config.loader import ConfigError, build_config, merge_sources
 from megatron.config.schema import Config, LauncherConfig
@@ -455,6 +456,7 @@ SINGLE_PROCESS_SCRIPTS = ("generate.py", "eval.py")
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    pin_cpu_accelerator(os.environ)  # before DeepSpeed is imported here or in a child
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith((".yml", ".yaml")):
         print(

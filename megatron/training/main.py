@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron.common.accelerator import pin_cpu_accelerator
 from megatron.common.files import atomic_write_text
 from megatron.config.loader import ConfigError, build_config, merge_sources
 from megatron.config.schema import Config
@@ -49,6 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    pin_cpu_accelerator(os.environ)  # before DeepSpeed is imported here or in a child
     previous = STOP.install()
     watch_launcher(os.environ.get(LAUNCHER_ENV))
     try:
