@@ -76,6 +76,41 @@ def stream_table(stream: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Issue 24's targets at d > 4w: (variant, comparison, threshold); "near chance" = within
+# NEAR_CHANCE of 1 / num_values.
+TARGETS = (("vanilla", ">=", 0.9), ("sepllm_w", ">=", 0.8))
+NEAR_CHANCE = 0.05
+CHANCE_VARIANTS = ("streamingllm_w", "sepllm_w_nosep")
+
+
+def target_lines(results: dict[str, Any]) -> list[str]:
+    """The expected qualitative ordering against the measured far accuracies, one line each."""
+    runs, lines = results["runs"], []
+    for name in [n for n in runs if not runs[n]["final"]["far"]["n"]]:
+        lines.append(f"{LABELS[name]}: no held-out queries at d > 4w (sequences too short)")
+    runs = {n: r for n, r in runs.items() if r["final"]["far"]["n"]}
+    for name, _, bound in TARGETS:
+        if name in runs:
+            acc = runs[name]["final"]["far"]["acc"]
+            ok = "met" if acc >= bound else "NOT met"
+            lines.append(f"{LABELS[name]}: far accuracy {acc:.3f}, expected >= {bound}: {ok}")
+    for name in CHANCE_VARIANTS:
+        if name in runs:
+            acc, chance = runs[name]["final"]["far"]["acc"], runs[name]["chance_acc"]
+            ok = "met" if abs(acc - chance) <= NEAR_CHANCE else "NOT met"
+            lines.append(
+                f"{LABELS[name]}: far accuracy {acc:.3f}, expected near chance {chance:.3f} "
+                f"(+- {NEAR_CHANCE}): {ok}"
+            )
+    stream = results.get("stream") or {}
+    sep, sink = stream.get("sepllm_w__sep"), stream.get("sepllm_w__sink")
+    if sep and sink:
+        a, b = sep["far"]["acc"], sink["far"]["acc"]
+        ok = "met" if a > b + NEAR_CHANCE else "NOT met"
+        lines.append(f"streaming, SepLLM(w) far: SepCache {a:.3f} > sink cache {b:.3f}: {ok}")
+    return lines
+
+
 def markdown(results: dict[str, Any], pngs: list[Path]) -> str:
     runs, parts = results["runs"], ["# Long-range recall\n"]
     if runs:
@@ -94,6 +129,7 @@ def markdown(results: dict[str, Any], pngs: list[Path]) -> str:
             f"{s['sizes']} (the sink cache: the same init and capacity), chunks of {s['chunk']}.\n"
         )
         parts += [*stream_table(s), ""]
+    parts += ["Targets (issue 24, d > 4w):", "", *[f"- {t}" for t in target_lines(results)], ""]
     parts += [f"![{p.stem}]({p.name})" for p in pngs]
     return "\n".join(parts) + "\n"
 
