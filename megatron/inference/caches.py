@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -271,6 +272,9 @@ class StreamCache:
         self.seen = torch.zeros(0, dtype=torch.long)  # [B] text tokens seen per row
         self.stats = Stats(length_sum=[0.0] * len(self.layers))
         self.step: Step | None = None
+        # Position counters a BiPE model keeps across the steps of this stream (set by the
+        # model: megatron/sepllm/bipe.py's BipeState); None for other models.
+        self.bipe: Any = None
 
     def layer(self, i: int) -> LayerCache:
         return self.layers[i]

@@ -45,6 +45,8 @@ class LayerKV(Protocol):
 
 class KVCache(Protocol):
     separator_ids: list[int]
+    pos_shift: bool  # held keys follow their cache index (re-rotated when entries move)
+    bipe: Any  # the model's BiPE counters of the text so far (megatron/sepllm/bipe.py)
 
     def begin_step(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any: ...
 

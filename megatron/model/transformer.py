@@ -34,7 +34,7 @@ from megatron.parallel.layers import (
     copy_to_tp,
     param_init_roles,
 )
-from megatron.sepllm.bipe import token_positions
+from megatron.sepllm.bipe import TokenPositions, stream_positions, token_positions
 from megatron.sepllm.info import KeptSet, build_kept_set
 from megatron.sepllm.kernels import AttentionKernel, get_kernel
 
@@ -48,6 +48,9 @@ class BatchContext:
     # holds), so the blocks build them from the step and the rotary tables.
     step: Any = None
     rotary: RotaryEmbedding | None = None
+    # BiPE over a cache: the step's positions continue the text's segments (the same for
+    # every layer); None: each layer's cache positions.
+    bipe: TokenPositions | None = None
 
 
 class Embedding(nn.Module):
@@ -145,7 +148,7 @@ class Block(nn.Module):
         """Attention of the step's n queries over this layer's cache ++ the step's keys, then
         stored (x [B, n, hidden] normed -> [B, n, hidden])."""
         n = x.shape[1]
-        pos = cache.positions(ctx.step)  # [B, n]: cache index under shift, else text position
+        pos = cache.positions(ctx.step) if ctx.bipe is None else ctx.bipe.rope  # [B, n]
         rope = ctx.rotary.cos_sin(pos, x.dtype) if ctx.rotary is not None else None
         q, k, v = self.attn.project(x, rope)
         keys, values = cache.append(k.contiguous(), v.contiguous(), ctx.step, pos)
@@ -254,10 +257,19 @@ class GPTModel(nn.Module):
         self, ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:  # ids [B, n] -> logits [B, n, V]
         check_separators(cache, self.sep.mode, list(self.sep.separator_token_ids))
+        if self.sep.bipe and cache.pos_shift:
+            raise ValueError(
+                "BiPE over a cache needs pos_shift off (--enable_pos_shift False): its RoPE "
+                "positions count separators, and the shift re-rotates held keys to cache indices"
+            )
         step = cache.begin_step(ids, attention_mask)
         try:
-            x = self.embedding(ids, cache.layer(0).positions(step))
-            ctx = BatchContext(None, None, ids.shape[1], step, self.context.rotary)
+            bipe = None
+            if self.sep.bipe:  # the counters of the text so far travel with the cache
+                m = self.cfg.max_positions
+                bipe, cache.bipe = stream_positions(ids, self.sep, cache.bipe, attention_mask, m)
+            x = self.embedding(ids, cache.layer(0).positions(step) if bipe is None else bipe.embed)
+            ctx = BatchContext(None, None, ids.shape[1], step, self.context.rotary, bipe)
             for i, block in enumerate(self.blocks):
                 x = block(x, ctx, cache.layer(i))
             logits = self.output(x, self.embedding.embed.weight)

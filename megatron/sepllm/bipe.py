@@ -114,29 +114,23 @@ def token_positions(
     return TokenPositions(intra, inter)
 
 
-class BipeStream:
-    """BiPE positions of a stream fed in steps (decode / chunked prefill): holds the counters
-    of the text seen so far, so step positions equal `token_positions` of the whole text."""
-
-    def __init__(self, sep: SepLLMConfig, max_positions: int) -> None:
-        self.sep, self.max_positions = sep, max_positions
-        self.state: BipeState | None = None
-
-    def step(
-        self,
-        ids: torch.Tensor,  # [B, n]
-        valid: torch.Tensor | None = None,  # [B, n] bool: real tokens (False: left padding)
-    ) -> TokenPositions:
-        intra, inter, nxt = bipe_positions(_is_sep(ids, self.sep), self.state, valid)
-        longest = int(intra.max()) if intra.numel() else 0
-        if longest >= self.max_positions:
-            raise ValueError(
-                f"BiPE: a segment reached {longest + 1} tokens without a separator, beyond the "
-                f"learned intra-segment table ({self.max_positions} rows, "
-                "max_position_embeddings)"
-            )
-        self.state = nxt
-        return TokenPositions(intra, inter)
+def stream_positions(
+    ids: torch.Tensor,  # [B, n]: the step's tokens
+    sep: SepLLMConfig,
+    state: BipeState | None,  # after the text seen so far (None: a fresh text)
+    valid: torch.Tensor | None,  # [B, n]: 1 real / 0 left padding
+    max_positions: int,  # rows of the learned intra-segment table
+) -> tuple[TokenPositions, BipeState]:
+    """BiPE positions of one step of a stream (decode / chunked prefill) and the state after
+    it: feeding a text in steps gives `token_positions` of the whole text."""
+    intra, inter, nxt = bipe_positions(_is_sep(ids, sep), state, valid)
+    longest = int(intra.max()) if intra.numel() else 0
+    if longest >= max_positions:
+        raise ValueError(
+            f"BiPE: a segment reached {longest + 1} tokens without a separator, beyond the "
+            f"learned intra-segment table ({max_positions} rows, max_position_embeddings)"
+        )
+    return TokenPositions(intra, inter), nxt
 
 
 def bipe_errors(sep: SepLLMConfig, pos_emb: str) -> list[str]:

@@ -12,7 +12,7 @@ from megatron.hf.export import check_sepllm_exportable
 from megatron.model.transformer import BatchContext, GPTModel
 from megatron.parallel.layers import REPLICATED, param_specs
 from megatron.sepllm.aliases import apply_sepllm_aliases
-from megatron.sepllm.bipe import BipeStream, bipe_errors, token_positions
+from megatron.sepllm.bipe import bipe_errors, stream_positions, token_positions
 from megatron.sepllm.info import build_kept_set
 
 DOT, COMMA, PAD = 3, 4, 0
@@ -60,15 +60,16 @@ def test_a_stream_in_steps_equals_the_whole_text() -> None:
     ids = torch.randint(3, 8, (3, 40), generator=g)
     sep = SepLLMConfig(bipe=True, separator_token_ids=[DOT, COMMA])
     whole = token_positions(ids, sep)
-    stream, got = BipeStream(sep, max_positions=64), []
+    state, got = None, []
     for a, b in [(0, 7), (7, 8), (8, 8), (8, 21), (21, 40)]:
-        got.append(stream.step(ids[:, a:b]))
+        pos, state = stream_positions(ids[:, a:b], sep, state, None, max_positions=64)
+        got.append(pos)
     assert torch.cat([p.embed for p in got], 1).tolist() == whole.embed.tolist()
     assert torch.cat([p.rope for p in got], 1).tolist() == whole.rope.tolist()
     # a left-padded step: padding counts for nothing
     padded = torch.cat([torch.full((3, 2), PAD), ids[:, :5]], 1)
     valid = torch.arange(7) >= 2
-    fresh = BipeStream(sep, max_positions=64).step(padded, valid.expand(3, 7))
+    fresh, _ = stream_positions(padded, sep, None, valid.expand(3, 7), max_positions=64)
     assert fresh.embed[:, 2:].tolist() == whole.embed[:, :5].tolist()
     assert fresh.rope[:, 2:].tolist() == whole.rope[:, :5].tolist()
 
@@ -76,7 +77,7 @@ def test_a_stream_in_steps_equals_the_whole_text() -> None:
 def test_a_segment_longer_than_the_table_is_refused() -> None:
     sep = SepLLMConfig(bipe=True, separator_token_ids=[DOT])
     with pytest.raises(ValueError, match="without a separator.*8 rows"):
-        BipeStream(sep, max_positions=8).step(torch.full((1, 9), 9))
+        stream_positions(torch.full((1, 9), 9), sep, None, None, max_positions=8)
 
 
 def _model(bipe: bool, **model_kw) -> GPTModel:
@@ -169,3 +170,23 @@ def test_config_errors_and_export_refusals() -> None:
     with pytest.raises(ValueError, match="Self-Adjust softmax.*cannot be exported"):
         check_sepllm_exportable(SepLLMConfig(attention_kernel="sa_no_deno"))
     check_sepllm_exportable(SepLLMConfig(mode="sepllm", separator_token_ids=[DOT]))
+
+
+def test_decode_in_steps_equals_the_full_forward() -> None:
+    """Chunked prefill + token-by-token decode over a cache that keeps everything: the same
+    logits as one forward (positions continue the text's segments from step to step)."""
+    from megatron.inference.caches import StreamCache, make_policies
+
+    model = _model(True)
+    ids = torch.randint(3, 16, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids)
+        cache = StreamCache(make_policies("full", 2), [DOT, COMMA], pos_shift=False)
+        steps = [
+            model(ids[:, a:b], cache=cache)
+            for a, b in [(0, 9), *[(t, t + 1) for t in range(9, 20)]]
+        ]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    shifted = StreamCache(make_policies("full", 2), [DOT, COMMA], pos_shift=True)
+    with pytest.raises(ValueError, match="BiPE over a cache needs pos_shift off"):
+        model(ids, cache=shifted)

@@ -182,3 +182,29 @@ def test_original_exclusivity(other: str) -> None:
         apply_sepllm_aliases({"USE_SA_SOFTMAX": True, other: True})
     true_here = str(err.value).split("true here: ")[1].split(", ")
     assert sorted(true_here) == sorted(["USE_SA_SOFTMAX", other])
+
+
+@pytest.mark.parametrize("name", ["sa", "sa_no_deno"])
+def test_model_decode_equals_the_full_forward(name: str) -> None:
+    """A Self-Adjust softmax model decoded over a cache that keeps everything gives the logits
+    of one forward (the kernel runs in both; min / max over the held causal keys)."""
+    from megatron.inference.caches import StreamCache, make_policies
+    from megatron.model.transformer import GPTModel
+
+    m = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=24)
+    sep = SepLLMConfig(mode="sepllm", separator_token_ids=[SEP], init_tokens=2, local_window=4,
+                       attention_kernel=name, sa_numerator_bias=0.1)  # fmt: skip
+    torch.manual_seed(0)
+    model = GPTModel(m, sep, vocab_size=20).eval()
+    ids = _ids(2, 18, 6)
+    with torch.no_grad():
+        full = model(ids)
+        plain = GPTModel(m, SepLLMConfig(**{**sep.__dict__, "attention_kernel": "dense"}), 20)
+        plain.load_state_dict(model.state_dict())
+        assert (plain.eval()(ids) - full).abs().max() > 1e-3  # the variant changes the model
+        cache = StreamCache(make_policies("full", 2), [SEP], pos_shift=False)
+        steps = [
+            model(ids[:, a:b], cache=cache)
+            for a, b in [(0, 7), *[(t, t + 1) for t in range(7, 18)]]
+        ]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
