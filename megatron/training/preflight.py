@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -337,9 +338,71 @@ def resume_config_errors(cfg: Config, log_differences: bool = True) -> list[str]
             "values, train into a new directory (--set save=DIR --set load=DIR), or set "
             "finetune: true to start a new run from its weights"
         ]
+    zero = _zero_dp_change(saved, shape, cfg)
+    if zero and not ck.finetune:
+        return [f"the checkpoint {saved_file.parent} {zero}"]
     if log_differences:
         _log_differences(saved_file.parent, diffs)
+        for line in data_changes(_saved_state(saved_file.parent).get("data_files"), cfg):
+            log.warning("resume: %s", line)
     return []
+
+
+def _zero_dp_change(
+    saved: dict[tuple[str, str], Any], shape: dict[str, Any], cfg: Config
+) -> str | None:
+    """ZeRO partitions the optimizer state over the data-parallel ranks; DeepSpeed cannot
+    load those partitions at another data-parallel size (an exception deep inside it)."""
+    stage = (saved.get(("training", "zero_optimization")) or {}).get("stage", 0)
+    old, new = shape.get("data_parallel_size"), cfg.derived.data_parallel_size
+    if not stage or old is None or old == new:
+        return None
+    return (
+        f"holds ZeRO stage {stage} optimizer partitions for data-parallel size {old}, this run "
+        f"has {new}: DeepSpeed cannot repartition them. Resume with the same number of "
+        "data-parallel ranks (world size / (tensor x pipeline parallel)), or set finetune: "
+        "true to start a new run from its weights with a fresh optimizer"
+    )
+
+
+FINGERPRINT_BYTES = 1 << 20  # hashed at each end of every data file
+
+
+def data_fingerprints(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of the first and last MiB of every data file the run reads, saved
+    with each checkpoint so a resume notices a changed corpus (re-tokenized, regrown, ...)."""
+    out = {}
+    for _, prefix in _data_prefixes(cfg):
+        for suffix in (".bin", ".idx"):
+            path = f"{prefix}{suffix}"
+            with contextlib.suppress(OSError), open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                h = hashlib.sha256(f.read(FINGERPRINT_BYTES))
+                if size > FINGERPRINT_BYTES:
+                    f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+                    h.update(f.read(FINGERPRINT_BYTES))
+                out[os.path.abspath(path)] = {"size": size, "sha256_ends": h.hexdigest()}
+    return out
+
+
+def data_changes(saved: dict[str, dict[str, Any]] | None, cfg: Config) -> list[str]:
+    """What differs between the data files the checkpoint's run read and this run's."""
+    if not saved:
+        return []  # a checkpoint from before fingerprints
+    now = data_fingerprints(cfg)
+    out = [
+        f"data file {p} changed since the checkpoint was saved (size {saved[p]['size']} -> "
+        f"{now[p]['size']}, other content): the resumed run reads other samples than the "
+        "interrupted one would have"
+        for p in sorted(set(now) & set(saved))
+        if now[p] != saved[p]
+    ]
+    if set(now) != set(saved):
+        out.append(
+            f"data files differ from the checkpoint's run: it read {sorted(saved)}, this run "
+            f"reads {sorted(now)}"
+        )
+    return out
 
 
 def _vocab_changes(shape: dict[str, Any], cfg: Config, same_tp: bool) -> list[str]:
@@ -355,10 +418,12 @@ def _vocab_changes(shape: dict[str, Any], cfg: Config, same_tp: bool) -> list[st
 
 
 def _saved_shape(path: Path) -> dict[str, Any]:
+    return _saved_state(path).get("run_shape", {})
+
+
+def _saved_state(path: Path) -> dict[str, Any]:
     state = path / checkpoint.TRAINER_STATE
-    if not state.is_file():
-        return {}
-    return json.loads(state.read_text()).get("run_shape", {})
+    return json.loads(state.read_text()) if state.is_file() else {}
 
 
 def _log_differences(path: Path, diffs: dict[tuple[str, str], tuple[Any, Any]]) -> None:

@@ -19,7 +19,7 @@ from megatron.config.schema import Config
 from megatron.parallel.topology import Parallelism
 from megatron.sepllm.info import build_kept_set
 from megatron.sepllm.stats import SeparatorWatch, kept_stats
-from megatron.training import checkpoint, universal
+from megatron.training import checkpoint, preflight, universal
 from megatron.training.batches import make_loader
 from megatron.training.metrics import MetricsWriter, format_line
 from megatron.training.setup import Datasets
@@ -45,6 +45,8 @@ class Trainer:
         self.engine, self.scheduler = self.steps.engine, self.steps.scheduler
         self.iteration = self.consumed_samples = self.n_evals = self.skipped_steps = 0
         self.skip_budget = SkipBudget()
+        # What the run reads, saved with each checkpoint (a resume warns when it changed).
+        self.data_files = preflight.data_fingerprints(cfg) if rank == 0 else {}
         self.resumed_from: Path | None = None  # the checkpoint this run started from
         if cfg.checkpoint.load:
             self._load()
@@ -302,6 +304,7 @@ class Trainer:
             "n_evals": self.n_evals,
             "skipped_steps": self.skipped_steps,
             "run_shape": dataclasses.asdict(self.cfg.derived),  # preflight compares the vocab
+            "data_files": self.data_files,
         }
         path = checkpoint.save(
             self.engine,
