@@ -495,7 +495,20 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     log.info("%s", describe(plan))
-    return execute(plan)
+    try:
+        return execute(plan)
+    finally:
+        if path is not None:
+            remove_launch_file(path)
+
+
+def remove_launch_file(path: str) -> None:
+    """The ranks read the config file once, at start-up, and every checkpoint keeps the
+    resolved config.yml and the YAMLs: no launch leaves its file (or an empty folder) behind."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):  # not empty: another launch's file is still there
+        os.rmdir(os.path.dirname(path))
 
 
 CONFIG_FILE = "<config-file>"  # stands for the file a real launch writes (--dry-run writes none)
