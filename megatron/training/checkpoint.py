@@ -99,6 +99,18 @@ def save(
 def _explain_os_error(root: Path, out: Path) -> Iterator[None]:
     try:
         yield
+    except RuntimeError as exc:
+        # torch's zip writer turns a failed write (ENOSPC, EFBIG) into "unexpected pos" /
+        # "file write failed" with no path or errno: name the checkpoint and the likely cause.
+        text = str(exc)
+        if "unexpected pos" not in text and "file write failed" not in text:
+            raise
+        raise CheckpointError(
+            f"saving checkpoint {out} failed: a file write stopped short ({text.strip()}): "
+            f"the disk is full (ENOSPC) or a file size limit was reached (EFBIG, ulimit -f); "
+            f"{_free_space(root)}. `latest` still names {_latest_of(root)}; the incomplete "
+            f"{out.name} is cleaned by retention once a newer checkpoint is complete."
+        ) from exc
     except OSError as exc:
         code = errno.errorcode.get(exc.errno or 0, "unknown errno")
         try:
@@ -112,6 +124,18 @@ def _explain_os_error(root: Path, out: Path) -> Iterator[None]:
             f"{exc.filename or out}; {free}. `latest` still names {previous}; the incomplete "
             f"{out.name} is cleaned by retention once a newer checkpoint is complete."
         ) from exc
+
+
+def _free_space(root: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(root).free / 2**20:,.0f} MiB free on {root}"
+    except OSError:
+        return f"free space on {root} unknown"
+
+
+def _latest_of(root: Path) -> str:
+    latest = root / "latest"
+    return latest.read_text().strip() if latest.is_file() else "nothing"
 
 
 def checkpoint_dirs(root: Path) -> list[tuple[int, Path, bool]]:
@@ -168,6 +192,12 @@ def find_tag(ckpt: CheckpointConfig) -> str | None:
         if not latest.is_file():
             return None
         tag = latest.read_text().strip()
+        if not (root / tag).is_dir():
+            raise CheckpointError(
+                f"{latest} names {tag!r}, but {root / tag} does not exist (deleted or moved?); "
+                f"checkpoints there: {[p.name for _, p, _ in checkpoint_dirs(root)] or 'none'}. "
+                "Set `iteration: N` to load one of them"
+            )
     if not (root / tag / COMPLETE).is_file():
         raise CheckpointError(f"checkpoint {root / tag} is incomplete (no {COMPLETE} marker)")
     return tag
