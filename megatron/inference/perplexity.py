@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from megatron.common.files import atomic_path, atomic_write_text
 from megatron.inference.decode import chunks
@@ -45,24 +46,30 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
+LINE = "[stream] {n_fmt}/{total_fmt} tokens | {rate_fmt} | elapsed {elapsed}, ETA {remaining}"
+
+
 class Progress:
-    """A tqdm bar when stderr is a terminal, else a line every `every` tokens."""
+    """Scored tokens, the running perplexity (all tokens so far), tokens/s and the ETA: a tqdm
+    bar when stderr is a terminal, else the same line (tqdm's format) every `every` tokens."""
 
     def __init__(self, total: int | None, every: int = 1000) -> None:
-        self.done, self.every, self.total = 0, every, total
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm  # optional nicety for interactive runs
+        self.done, self.every, self.total, self.nll_sum = 0, every, total, 0.0
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=total, unit="tok") if sys.stderr.isatty() else None
 
-            self.bar = tqdm(total=total, unit="tok")
-
-    def update(self, n: int, nll: float) -> None:
+    def update(self, n: int, nll_sum: float) -> None:
         before, self.done = self.done, self.done + n
+        self.nll_sum += nll_sum
+        ppl = f"{math.exp(min(self.nll_sum / self.done, 700.0)):.2f}"
         if self.bar is not None:
             self.bar.update(n)
-            self.bar.set_postfix(nll=f"{nll:.3f}")
+            self.bar.set_postfix(ppl=ppl)
         elif before // self.every != self.done // self.every:
-            print(f"[stream] {self.done} tokens, nll {nll:.3f}", file=sys.stderr, flush=True)
+            elapsed = time.perf_counter() - self.start
+            fmt = LINE if self.total else LINE.split(", ETA")[0]  # no total, no ETA
+            line = tqdm.format_meter(self.done, self.total, elapsed, unit="tok", bar_format=fmt)
+            print(f"{line}, running ppl {ppl}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -79,7 +86,7 @@ def _stream_one(
         logits = streamer.step(cache, ids[None, start:end])[0]  # [n, V]
         nll = F.cross_entropy(logits.float(), ids[start + 1 : end + 1], reduction="none")
         out += nll.tolist()
-        progress.update(end - start, float(nll[-1]))
+        progress.update(end - start, float(nll.sum()))
     return out
 
 
