@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from megatron.config.checks import literal_values
+from megatron.config.neox import NEOX_ALIASES
 from megatron.config.schema import SECTIONS, Config
 from megatron.sepllm.aliases import SEPLLM_ALIASES, apply_sepllm_aliases, lookup_alias
 
@@ -45,65 +46,6 @@ def field_index() -> dict[str, tuple[str, dataclasses.Field]]:
 def _section_class(section: str) -> type:
     hints = typing.get_type_hints(Config)
     return hints[section]
-
-
-def _neox_optimizer(value: Any) -> dict[str, Any]:
-    # NeoX form: optimizer: {type: Adam, params: {lr, betas: [b1, b2], eps, weight_decay}}
-    if not isinstance(value, dict):
-        raise ConfigError(f"'optimizer' must be a mapping with 'type' and 'params', got {value!r}")
-    unknown = set(value) - {"type", "params"}
-    if unknown:
-        raise ConfigError(f"'optimizer' accepts only 'type' and 'params', not {sorted(unknown)}")
-    out: dict[str, Any] = {}
-    if "type" in value:
-        out["optimizer_type"] = str(value["type"]).lower()
-    params = dict(value.get("params", {}))
-    for key, target in (("lr", "lr"), ("eps", "adam_eps"), ("weight_decay", "weight_decay")):
-        if key in params:
-            out[target] = params.pop(key)
-    if "betas" in params:
-        out["adam_beta1"], out["adam_beta2"] = params.pop("betas")
-    if params:
-        raise ConfigError(f"unsupported optimizer params {sorted(params)}")
-    return out
-
-
-def _neox_precision_flag(kind: str) -> Callable[[Any], dict[str, Any]]:
-    def convert(value: Any) -> dict[str, Any]:
-        enabled = value.get("enabled", False) if isinstance(value, dict) else bool(value)
-        # NeoX's loss-scaling sub-keys (loss_scale, initial_scale_power, hysteresis, ...) were
-        # dropped silently; a run must not quietly use other scaling than its config says.
-        extra = sorted(str(k) for k in value if k != "enabled") if isinstance(value, dict) else []
-        if extra:
-            name = "fp16" if kind == "fp16" else "bf16"
-            block = ", ".join(f"{k}: {value[k]!r}" for k in extra)
-            raise ValueError(
-                f"NeoX {name} sub-keys {', '.join(extra)} are not mapped (precision: {kind} uses "
-                "DeepSpeed's dynamic loss scaling, initial_scale_power 16); to set them, write "
-                f"`deepspeed_extra: {{{name}: {{enabled: true, {block}}}}}` with "
-                f"`precision: {kind}`, or remove them"
-            )
-        return {"precision": kind} if enabled else {}
-
-    return convert
-
-
-def _rename(target: str, fn: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], dict]:
-    return lambda value: {target: fn(value)}
-
-
-NEOX_ALIASES: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "optimizer": _neox_optimizer,
-    "bf16": _neox_precision_flag("bfloat16"),
-    "fp16": _neox_precision_flag("fp16"),
-    "rms_norm_epsilon": _rename("layernorm_epsilon"),
-    "gradient_accumulation_steps": _rename("gradient_accumulation_steps"),
-    "num_gpus_per_node": _rename("num_gpus"),
-    "save_interval": _rename("checkpoint_factor"),
-    "lr_warmup_fraction": _rename("warmup"),
-    "use_bias_in_norm": _rename("use_bias_in_norms"),
-    "train_micro_batch_size": _rename("train_micro_batch_size_per_gpu"),
-}
 
 
 def _aliases() -> dict[str, Callable[[Any], dict[str, Any]]]:
@@ -179,16 +121,33 @@ def flatten(raw: dict[str, Any], source: str) -> dict[str, tuple[Any, str]]:
             continue
         for name, resolved in resolved_items:
             if name in out and out[name][0] != resolved:
-                raise ConfigError(
-                    f"{source}: '{name}' is set twice with different values "
-                    f"({out[name][1]} = {out[name][0]!r}, {origin} = {resolved!r})"
-                )
+                joined = _join_blocks(name, out[name][0], resolved)
+                if joined is None:
+                    raise ConfigError(
+                        f"{source}: '{name}' is set twice with different values "
+                        f"({out[name][1]} = {out[name][0]!r}, {origin} = {resolved!r})"
+                    )
+                resolved = joined
             out[name] = (resolved, origin)
     if len(unknown) == 1:
         raise UnknownKeyError(unknown[0])
     if unknown:
         raise UnknownKeyError(f"{len(unknown)} unknown keys:\n  - " + "\n  - ".join(unknown))
     return out
+
+
+# Blocks several keys may fill (NeoX's data_types / deepspeed_extra_args and our
+# deepspeed_extra all go to DeepSpeed's config): joined entry by entry.
+JOINED_BLOCKS = ("deepspeed_extra",)
+
+
+def _join_blocks(name: str, old: Any, new: Any) -> dict[str, Any] | None:
+    """old and new merged when `name` is a joined block and no entry differs, else None."""
+    if name not in JOINED_BLOCKS or not (isinstance(old, dict) and isinstance(new, dict)):
+        return None
+    if any(k in old and old[k] != v for k, v in new.items()):
+        return None
+    return {**old, **new}
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
@@ -283,7 +242,10 @@ def merge_sources(sources: list[tuple[str, dict[str, Any]]]) -> dict[str, tuple[
             unknown.append(str(exc))
             continue
         for key, (value, origin) in flat.items():
-            if key in merged and name != "overrides":
+            joined = _join_blocks(key, merged[key][0], value) if key in merged else None
+            if joined is not None:
+                value = joined
+            elif key in merged and name != "overrides":
                 raise ConfigError(
                     f"'{key}' is defined twice: {merged[key][1]} and {origin}; "
                     "remove one (use --set key=value to override from the command line)"

@@ -6,7 +6,8 @@ import dataclasses
 import typing
 
 from megatron.config.checks import describe_allowed, literal_values
-from megatron.config.loader import NEOX_ALIASES, _section_class
+from megatron.config.loader import _section_class
+from megatron.config.neox import NEOX_MAPPED, NEOX_NOOPS, NEOX_REFUSED
 from megatron.config.schema import SECTIONS
 from megatron.sepllm.aliases import SEPLLM_ALIASES
 
@@ -42,6 +43,11 @@ def render() -> str:
                 f"| {help_text} |"
             )
         lines.append("")
-    lines += ["## Accepted aliases", "", "NeoX forms: " + ", ".join(f"`{k}`" for k in NEOX_ALIASES)]
+    lines += ["## Accepted aliases", "", "(docs/neox_compat.md says what each does.)", ""]
+    lines += ["NeoX keys mapped here: " + ", ".join(f"`{k}`" for k in NEOX_MAPPED)]
+    lines += ["", "NeoX keys with no effect here (one INFO line each): "]
+    lines[-1] += ", ".join(f"`{k}`" for k in NEOX_NOOPS)
+    lines += ["", "NeoX keys of features not built (refused unless off): "]
+    lines[-1] += ", ".join(f"`{k}`" for k in NEOX_REFUSED)
     lines += ["", "Original SepLLM keys: " + ", ".join(f"`{k}`" for k in SEPLLM_ALIASES)]
     return "\n".join(lines) + "\n"

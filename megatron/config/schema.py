@@ -21,6 +21,7 @@ __all__ = ["SepLLMConfig"]  # re-exported: every section of Config is importable
 Activation = Literal["gelu", "swiglu"]
 NormKind = Literal["layernorm", "rmsnorm"]
 PosEmb = Literal["rotary", "learned", "none"]
+AttentionType = Literal["multihead", "groupedquery"]
 InitMethod = Literal["small_init", "normal"]
 OutputInitMethod = Literal["wang_init", "scaled_normal", "normal"]
 OptimizerType = Literal["adamw", "adam"]
@@ -55,11 +56,24 @@ class ModelConfig:
     )
     intermediate_size: int | None = _f(
         None,
-        "Width of the MLP hidden layer, i.e. the output width of ONE up projection. For swiglu "
-        "there are two up projections of this width (gate and up) - unlike NeoX, which halves "
-        "it. None = 4*hidden_size for gelu, and the Llama rule 256*ceil(8*hidden/3/256) for "
-        "swiglu.",
+        "Width of the MLP hidden layer, i.e. the output width of ONE up projection (for swiglu "
+        "the gate and the up projection each have this width). None = 4*hidden_size for gelu, "
+        "and the Llama rule 256*ceil(8*hidden/3/256) for swiglu. With mlp_multiple_of set it "
+        "is read as NeoX reads it instead (see mlp_multiple_of).",
         ge=1,
+    )
+    mlp_multiple_of: int | None = _f(
+        None,
+        "NeoX's MLP sizing (NeoX's Llama configs set it): intermediate_size (None = "
+        "4*hidden_size) is NeoX's value, and the width of one up projection is, for swiglu, "
+        "multiple*ceil((int(I*2/3)//2)/multiple) (llama/7B.yml: 32768 -> 11008), for gelu I "
+        "rounded up to 2*multiple. None = our meaning of intermediate_size.",
+        ge=1,
+    )
+    attention_type: AttentionType | None = _f(
+        None,
+        "NeoX's attention_type: multihead (num_kv_heads must equal the heads) or groupedquery "
+        "(needs num_kv_heads); None = decided by num_kv_heads.",
     )
     activation: Activation = _f("gelu", "MLP activation: gelu (NeoX) or swiglu (Llama).")
     gpt_j_residual: bool = _f(False, "Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)).")
@@ -119,7 +133,10 @@ class ModelConfig:
 
     @property
     def ffn_size(self) -> int:
-        """Width of one MLP up projection (the Llama rule for swiglu, 4 x hidden for gelu)."""
+        """Width of one MLP up projection (the Llama rule for swiglu, 4 x hidden for gelu;
+        NeoX's rule when mlp_multiple_of is set)."""
+        if self.mlp_multiple_of is not None:
+            return neox_ffn_sizes(self)[1]
         if self.intermediate_size is not None:
             return self.intermediate_size
         if self.activation == "swiglu":
@@ -138,6 +155,19 @@ class ModelConfig:
             self.kv_heads * self.head_dim,
             self.kv_heads * self.head_dim,
         )
+
+
+def neox_ffn_sizes(m: ModelConfig) -> tuple[int, int]:
+    """NeoX's ParallelMLP sizes for mlp_multiple_of = k: (output width of its first linear,
+    input width of its second). Gated: the first linear holds gate and up, so one up
+    projection is the second width; gelu: both must agree (validate_model checks)."""
+    k = m.mlp_multiple_of or 1
+    ffn = m.intermediate_size or 4 * m.hidden_size
+    ffn_in = ffn
+    if m.activation == "swiglu":
+        ffn = int(ffn * 2 / 3)
+        ffn_in = ffn // 2
+    return 2 * k * math.ceil(ffn / (2 * k)), k * math.ceil(ffn_in / k)
 
 
 @dataclass
@@ -159,6 +189,22 @@ class ScheduleConfig:
     lr_decay_iters: int | None = _f(None, "Decay length in iterations (None = train_iters).", ge=1)
     warmup: float = _f(0.01, "Warmup as a fraction of lr_decay_iters.", ge=0, le=1)
     min_lr: float = _f(0.0, "Floor of the decayed learning rate.", ge=0)
+    warmup_iters: int | None = _f(
+        None, "Warmup in iterations; when set it replaces `warmup` (a fraction).", ge=0
+    )
+    decay_lr_to: float | None = _f(
+        None,
+        "Floor of the decayed learning rate as a fraction of lr (min_lr = decay_lr_to * lr); "
+        "not with a nonzero min_lr.",
+        ge=0,
+        le=1,
+    )
+    override_lr_scheduler: bool = _f(
+        False,
+        "On resume, apply this config's lr, min_lr, warmup, decay, weight_decay and Adam "
+        "betas/eps from the resumed step on (NeoX's option). Without it a resume whose values "
+        "differ from the checkpoint's config is refused, naming the keys.",
+    )
 
 
 @dataclass
@@ -175,6 +221,12 @@ class TrainingConfig:
     )
     precision: Precision = _f("fp32", "fp32, bfloat16 or fp16 (fp16 needs a GPU).")
     zero_optimization: dict = _f({"stage": 0}, "DeepSpeed zero_optimization block, passed through.")
+    fp16_settings: dict = _f(
+        {},
+        "Entries of DeepSpeed's fp16 block used when precision is fp16 (loss_scale, "
+        "initial_scale_power, loss_scale_window, hysteresis, min_loss_scale, auto_cast, ...); "
+        "NeoX's `fp16:` block fills it. Default: dynamic loss scaling from 2**16.",
+    )
     exit_interval: int | None = _f(
         None,
         "Stop (with a checkpoint) after this iteration, e.g. to fit a job time limit.",
@@ -216,6 +268,9 @@ class CheckpointConfig:
     save: str | None = _f(None, "Directory to save checkpoints to.")
     load: str | None = _f(None, "Directory to resume / fine-tune from.")
     checkpoint_factor: int = _f(1000, "Save every this many iterations (and at the end).", ge=1)
+    extra_save_iters: list[int] = _f(
+        [], "Also save at these iterations (0 = the initial weights, before the first step)."
+    )
     keep_last_n_checkpoints: int | None = _f(
         None, "Delete older checkpoints (None = keep all).", ge=1
     )
@@ -256,6 +311,8 @@ class LoggingConfig:
     use_wandb: bool = _f(False, "Log to Weights & Biases.")
     wandb_project: str = _f("sepneox", "W&B project.")
     wandb_mode: WandbMode = _f("offline", "W&B mode: offline, online or disabled.")
+    wandb_team: str | None = _f(None, "W&B entity (team) of the run.")
+    wandb_group: str | None = _f(None, "W&B group of the run.")
     wandb_dir: str | None = _f(None, "W&B directory (None = save dir or ./wandb).")
     tensorboard_dir: str | None = _f(None, "TensorBoard event directory (None = off).")
     metrics_jsonl: str | None = _f(

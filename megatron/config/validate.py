@@ -7,7 +7,15 @@ import math
 from megatron.config.checks import section_errors
 from megatron.config.launcher import validate_launcher
 from megatron.config.loader import ConfigError
-from megatron.config.schema import SECTIONS, Config, ModelConfig, RunShape, TrainingConfig
+from megatron.config.neox import FP16_KEYS
+from megatron.config.schema import (
+    SECTIONS,
+    Config,
+    ModelConfig,
+    RunShape,
+    TrainingConfig,
+    neox_ffn_sizes,
+)
 from megatron.sepllm.bipe import bipe_errors
 from megatron.sepllm.validate import validate_sepllm
 
@@ -27,6 +35,22 @@ def validate_model(m: ModelConfig, errors: list[str]) -> None:
     if m.pos_emb == "rotary" and m.rotary_dims % 2:
         errors.append(
             f"rotary dims = head_dim {m.head_dim} x rotary_pct {m.rotary_pct} must be even"
+        )
+    if m.mlp_multiple_of is not None and m.activation != "swiglu":
+        first, second = neox_ffn_sizes(m)
+        if first != second:
+            errors.append(
+                f"mlp_multiple_of {m.mlp_multiple_of}: NeoX's rule gives a gelu MLP of "
+                f"{first} in and {second} out for intermediate_size "
+                f"{m.intermediate_size or 4 * m.hidden_size}; use a multiple of "
+                f"{2 * m.mlp_multiple_of}"
+            )
+    if m.attention_type == "groupedquery" and m.num_kv_heads is None:
+        errors.append("attention_type groupedquery needs num_kv_heads")
+    if m.attention_type == "multihead" and m.kv_heads != m.num_attention_heads:
+        errors.append(
+            f"attention_type multihead with num_kv_heads {m.num_kv_heads} != "
+            f"num_attention_heads {m.num_attention_heads}: use attention_type groupedquery"
         )
     if m.seq_length > m.max_positions:
         errors.append(
@@ -90,6 +114,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         validate_model(cfg.model, errors)
     if cfg.schedule.min_lr > cfg.optimizer.lr:
         errors.append(f"min_lr {cfg.schedule.min_lr} is above lr {cfg.optimizer.lr}")
+    if cfg.schedule.decay_lr_to is not None and cfg.schedule.min_lr:
+        errors.append(
+            f"decay_lr_to {cfg.schedule.decay_lr_to} and min_lr {cfg.schedule.min_lr} both set "
+            "the floor of the learning rate: keep one"
+        )
+    unknown = sorted(set(cfg.training.fp16_settings) - set(FP16_KEYS))
+    if unknown:
+        errors.append(f"fp16_settings: unknown entries {unknown} (known: {', '.join(FP16_KEYS)})")
+    if any(i < 0 for i in cfg.checkpoint.extra_save_iters):
+        errors.append(f"extra_save_iters must be >= 0, got {cfg.checkpoint.extra_save_iters}")
     stage = cfg.training.zero_optimization.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         errors.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")

@@ -370,11 +370,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def config_dir(cfg: Config, requested: str | None) -> str:
+def config_dir(cfg: Config, requested: str | None, create: bool = True) -> str:
     if requested:
         return os.path.abspath(requested)
     if cfg.checkpoint.save:
         return os.path.join(os.path.abspath(cfg.checkpoint.save), "launch")
+    if not create:
+        return os.path.join(tempfile.gettempdir(), f"deepy-{os.getuid()}")
     return private_temp_dir()
 
 
@@ -478,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(encode_sources(sources, raw))
         return 0
-    directory = config_dir(cfg, args.config_dir)
+    # --dry-run creates nothing, not even the private temporary directory: it names it.
+    directory = config_dir(cfg, args.config_dir, create=not args.dry_run)
     path = pass_config(plan, args.config_via, sources, raw, directory)
     if args.dry_run:
         print(describe_dry_run(plan, path, directory))

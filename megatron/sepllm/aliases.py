@@ -10,9 +10,9 @@ combinations a single key cannot decide:
     without them -> mode sepllm;
   * USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS false -> the per-layer lists are ignored, as in the
     original (which ships default lists next to a false flag).
-The decode-time windows (generate_local_window_size, generate_win_loc_size_list) are accepted
-so original YAML files load, but set nothing: this trainer does not decode, so each logs a
-warning saying its value is not used.
+The decode-time windows (generate_local_window_size, generate_win_loc_size_list,
+USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS) and RECOMPILE_SEP_ATTN_KERNEL are accepted so
+original YAML files load, but set nothing: each logs one INFO line saying why.
 """
 
 from __future__ import annotations
@@ -103,15 +103,26 @@ def _int_list(value: Any) -> list[int] | None:
 
 def _decode_only(key: str) -> Callable[[Any], dict[str, Any]]:
     def alias(value: Any) -> dict[str, Any]:
-        log.warning(
-            "sepllm config: %s=%r is a decode-time setting; this trainer does not decode, so it "
-            "is not used (the training window is prefill_local_window_size / local_window)",
+        log.info(
+            "sepllm config: %s=%r accepted with no effect: a decode-time setting of the "
+            "original; training uses prefill_local_window_size / local_window (streaming "
+            "evaluation takes its windows from its own flags)",
             key,
             value,
         )
         return {}
 
     return alias
+
+
+def _recompile(value: Any) -> dict[str, Any]:
+    _strict_bool(value)
+    log.info(
+        "sepllm config: RECOMPILE_SEP_ATTN_KERNEL=%r accepted with no effect: the original "
+        "recompiles its FlexAttention kernel; ours are compiled on first use",
+        value,
+    )
+    return {}
 
 
 def _kernel_accelerator(value: Any) -> dict[str, Any]:
@@ -128,6 +139,10 @@ SEPLLM_ALIASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "USE_PREFILL_LOCAL_WIN_SIZES_wrt_LAYERS": lambda value: {},  # see apply_sepllm_aliases
     "prefill_loc_win_size_list": _field("local_window_per_layer", _int_list),
     "generate_win_loc_size_list": _decode_only("generate_win_loc_size_list"),
+    "USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS": _decode_only(
+        "USE_GENERATE_LOCAL_WIN_SIZES_wrt_LAYERS"
+    ),
+    "RECOMPILE_SEP_ATTN_KERNEL": _recompile,
     "init_tok_max_idx": _init_tok_max_idx,
     "USE_ORIGINAL_FULL_ATTEN": _flag_mode("full"),
     "streamingLLM": _flag_mode("streamingllm"),
@@ -188,7 +203,12 @@ def apply_sepllm_aliases(section: dict[str, Any]) -> dict[str, Any]:
     for name, value in originals.items():
         if not use_layers and name == "prefill_loc_win_size_list":
             continue  # the original ignores the list unless the flag is on
-        for field, v in SEPLLM_ALIASES[name](value).items():
+        try:
+            translated = SEPLLM_ALIASES[name](value)
+        except ValueError as exc:  # the message names the key the user wrote
+            text = str(exc)
+            raise ValueError(text if name in text else f"sepllm config: {name} {text}") from None
+        for field, v in translated.items():
             _set(out, origin, field, v, name)
     flags = ("USE_ORIGINAL_FULL_ATTEN", "streamingLLM")
     # The original runs Self-Adjust softmax over its SepLLM mask (full / streaming excluded).

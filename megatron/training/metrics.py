@@ -30,6 +30,8 @@ class MetricsWriter:
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(
                 project=cfg.wandb_project,
+                entity=cfg.wandb_team,
+                group=cfg.wandb_group,
                 mode=cfg.wandb_mode,
                 dir=cfg.wandb_dir or save or ".",
                 config=run_config,

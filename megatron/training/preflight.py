@@ -36,6 +36,7 @@ from megatron.common.files import LockTimeout, file_lock
 from megatron.config.loader import config_to_dict
 from megatron.config.schema import Config
 from megatron.training import checkpoint
+from megatron.training.schedule import OVERRIDDEN
 from megatron.training.setup import build_model
 
 log = logging.getLogger("megatron")
@@ -337,6 +338,15 @@ def resume_config_errors(cfg: Config, log_differences: bool = True) -> list[str]
             + ". Resuming would load its weights into a different model: restore these "
             "values, train into a new directory (--set save=DIR --set load=DIR), or set "
             "finetune: true to start a new run from its weights"
+        ]
+    hyper = [_change(s, k, a, b) for (s, k), (a, b) in diffs.items() if (s, k) in OVERRIDDEN]
+    if hyper and not ck.finetune and not cfg.schedule.override_lr_scheduler:
+        # DeepSpeed restores the optimizer's param groups and the scheduler's base lr from the
+        # checkpoint, so a changed value would be silently ignored.
+        return [
+            f"resuming from {saved_file.parent} with other optimizer / schedule values than "
+            f"it was trained with: {'; '.join(hyper)}. Set override_lr_scheduler: true to "
+            "apply the new values from the resumed step on, or restore them"
         ]
     zero = _zero_dp_change(saved, shape, cfg)
     if zero and not ck.finetune:

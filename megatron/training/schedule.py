@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 
+from torch.optim.lr_scheduler import LambdaLR
+
 from megatron.config.schema import OptimizerConfig, ScheduleConfig
 
 
 def lr_at(step: int, opt: OptimizerConfig, sched: ScheduleConfig, train_iters: int) -> float:
     """Learning rate for optimizer step `step` (0-based: the lr used by the step-th update)."""
     decay_iters = sched.lr_decay_iters or train_iters
-    warmup = int(sched.warmup * decay_iters)
+    warmup = sched.warmup_iters
+    if warmup is None:
+        warmup = int(sched.warmup * decay_iters)
     if warmup and step < warmup:
         return opt.lr * (step + 1) / warmup
     if sched.lr_decay_style == "constant":
@@ -20,4 +24,40 @@ def lr_at(step: int, opt: OptimizerConfig, sched: ScheduleConfig, train_iters: i
         coeff = 1.0 - progress
     else:
         coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return sched.min_lr + coeff * (opt.lr - sched.min_lr)
+    floor = sched.min_lr if sched.decay_lr_to is None else sched.decay_lr_to * opt.lr
+    return floor + coeff * (opt.lr - floor)
+
+
+# Values NeoX's override_lr_scheduler takes from the config on resume (DeepSpeed restores the
+# optimizer's param groups and the scheduler's base lr from the checkpoint otherwise).
+OVERRIDDEN = (
+    ("optimizer", "lr"),
+    ("optimizer", "adam_beta1"),
+    ("optimizer", "adam_beta2"),
+    ("optimizer", "adam_eps"),
+    ("optimizer", "weight_decay"),
+    ("schedule", "lr_decay_style"),
+    ("schedule", "lr_decay_iters"),
+    ("schedule", "warmup"),
+    ("schedule", "warmup_iters"),
+    ("schedule", "min_lr"),
+    ("schedule", "decay_lr_to"),
+)
+
+
+def apply_config_hyperparameters(
+    scheduler: LambdaLR, opt: OptimizerConfig, sched: ScheduleConfig, train_iters: int
+) -> float:
+    """After a resume with override_lr_scheduler: this config's lr schedule, betas, eps and
+    weight decay from the resumed step on; returns the lr of the next step. The first group
+    decays, the second (biases, norms) keeps weight_decay 0 (optimizer.param_groups)."""
+    scheduler.base_lrs = [opt.lr for _ in scheduler.base_lrs]
+    lr = lr_at(scheduler.last_epoch, opt, sched, train_iters)
+    for i, group in enumerate(scheduler.optimizer.param_groups):
+        group["initial_lr"] = opt.lr
+        group["lr"] = lr
+        group["betas"] = (opt.adam_beta1, opt.adam_beta2)
+        group["eps"] = opt.adam_eps
+        group["weight_decay"] = opt.weight_decay if i == 0 else 0.0  # optimizer.param_groups
+    scheduler._last_lr = [lr for _ in scheduler.base_lrs]
+    return lr

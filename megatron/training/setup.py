@@ -34,7 +34,7 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     if t.precision == "bfloat16":
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, **t.fp16_settings}
     ds.update(t.deepspeed_extra)
     return ds
 

@@ -22,6 +22,7 @@ from megatron.sepllm.stats import SeparatorWatch, kept_stats
 from megatron.training import checkpoint, preflight, universal
 from megatron.training.batches import make_loader
 from megatron.training.metrics import MetricsWriter, format_line
+from megatron.training.schedule import apply_config_hyperparameters
 from megatron.training.setup import Datasets
 from megatron.training.steps import build_steps
 
@@ -82,6 +83,17 @@ class Trainer:
             self.consumed_samples = int(state.get("consumed_samples", iteration * g))
             self.n_evals = int(state.get("n_evals", self._evals_before(iteration)))
             self.skipped_steps = int(state.get("skipped_steps", 0))
+            if self.cfg.schedule.override_lr_scheduler:  # preflight refuses changes otherwise
+                c = self.cfg
+                lr = apply_config_hyperparameters(
+                    self.scheduler, c.optimizer, c.schedule, c.training.train_iters
+                )
+                if self.rank == 0:
+                    log.info(
+                        "override_lr_scheduler: this config's lr schedule, betas and "
+                        "weight decay apply from here on (next lr %.3g)",
+                        lr,
+                    )
         if self.rank == 0:
             how = "" if saved in (None, current) else f" (resharded from TP x PP = {saved})"
             log.info(
@@ -122,6 +134,8 @@ class Trainer:
         run_start = window_start = time.perf_counter()
         window_losses: list[float] = []
         start_iter, window_steps = self.iteration, 0
+        if self.iteration == 0 and 0 in cfg.checkpoint.extra_save_iters and cfg.checkpoint.save:
+            self.save()  # the initial weights (NeoX's extra_save_iters: [0, ...])
         while self.iteration < stop:
             lr = self.scheduler.get_last_lr()[0]
             loss, grad_norm = self.steps.train_step(batches)
@@ -281,7 +295,8 @@ class Trainer:
     def _maybe_save(self) -> None:
         ck, it = self.cfg.checkpoint, self.iteration
         last = it in (self.cfg.training.train_iters, self.cfg.training.exit_interval)
-        if not ck.save or (it % ck.checkpoint_factor and not last):
+        extra = it in ck.extra_save_iters  # NeoX's extra_save_iters
+        if not ck.save or (it % ck.checkpoint_factor and not last and not extra):
             return
         self.save()
 

@@ -98,16 +98,22 @@ def test_resolve_pool_errors(hostfile: str, kw: dict[str, Any], message: str) ->
         hosts.resolve_pool(lc, hosts.read_hostfile(hostfile))
 
 
-CONFIG_FILE = r"/\S+/config-\d{8}T\d{6}Z-[^/\s]+-\d+\.json"  # config-<time>-<host>-<pid>.json
+# --dry-run shows the config file a launch writes as a placeholder (it writes nothing).
+CONFIG_FILE = "'<config-file>'"
+CONFIG_NOTE = (
+    r"<config-file>: written at launch as /\S+/config-<time>-<host>-<pid>\.json "
+    r"\(not by --dry-run\)"
+)
 
 
 def test_single_node(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = dry_run(tmp_path, capsys, "--num-gpus", "2", "--config-dir", str(tmp_path / "cfgs"))
     # A readable command: the config travels in a file, not as a blob on the command line.
     assert re.fullmatch(
-        "deepspeed --num_gpus 2 --master_port 29612 train.py --config-file "
+        "deepspeed --num_gpus 2 --master_port 29612 train.py --config-file '<config-file>'\n"
+        "<config-file>: written at launch as "
         + re.escape(str(tmp_path / "cfgs"))
-        + r"/config-\d{8}T\d{6}Z-[^/\s]+-\d+\.json",
+        + r"/config-<time>-<host>-<pid>\.json \(not by --dry-run\)",
         out.strip(),
     ), out
     assert not (tmp_path / "cfgs").exists()  # --dry-run writes nothing
@@ -173,7 +179,7 @@ def test_no_ssh_node_rank_without_hostfile(tmp_path: Path, capsys: pytest.Captur
     assert re.fullmatch(
         "deepspeed --hostfile '<hostfile>' --no_ssh --node_rank 1 --master_addr 10.0.0.1 "
         "--master_port 29612 train.py --config-file " + CONFIG_FILE + "\n"
-        "<hostfile>:\nnode0 slots=3\nnode1 slots=3",
+        "<hostfile>:\nnode0 slots=3\nnode1 slots=3\n" + CONFIG_NOTE,
         out.strip(),
     ), out
 
@@ -227,7 +233,7 @@ def test_slurm_srun_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
         ((), {"num_nodes": 2}, "needs a hostfile"),
         (("--node-rank", "0", "--num-nodes", "2"), {}, "needs master_addr"),
         (("--launcher", "torque"), {}, "launcher = 'torque'"),
-        ((), {"hostfile": "/nonexistent/hostfile"}, "does not exist"),
+        ((), {"hostfile": "/nonexistent/hostfile", "num_nodes": 2}, "does not exist"),
     ],
 )
 def test_clear_errors_before_launch(
