@@ -48,14 +48,15 @@ def finish(root: Path, step_dir: Path, iteration: int) -> None:
 
 def write_full_checkpoint(
     root: Path,
+    step: Path,
     state: dict[str, torch.Tensor],
     resolved: dict[str, Any],
     raw_configs: dict[str, str],
     source: str,
-) -> Path:
-    """A complete iteration-0 checkpoint of full single-device weights under `root`."""
-    step = root / layout.tag_for(0)
-    step.mkdir(parents=True)
+) -> None:
+    """A complete iteration-0 checkpoint of full single-device weights in `step` (under
+    `root`, which gets `latest`); files the caller put in `step` are covered by COMPLETE."""
+    step.mkdir(parents=True, exist_ok=True)
     write_config(step, resolved, raw_configs)
     meta = {
         "iteration": 0,
@@ -67,4 +68,3 @@ def write_full_checkpoint(
     }
     write_universal(step, {k: {"param": v} for k, v in state.items()}, meta)
     finish(root, step, 0)
-    return step

@@ -15,9 +15,11 @@ import contextlib
 import fcntl
 import os
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 PathLike = str | os.PathLike
@@ -130,6 +132,31 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Non
         f.write(text)
 
 
+def refuse_existing(out: Path) -> None:
+    """An output directory must be new (or empty): nothing is silently overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """A directory that appears whole or not at all: the block writes into a hidden temporary
+    directory beside `out` (same file system: the rename is atomic); an exception removes it."""
+    refuse_existing(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(_temp_name(out))
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty (checked above); os.replace cannot replace a directory
+        os.replace(tmp, out)
+        _fsync_dir(str(out.parent))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 class LockTimeout(TimeoutError):
     """`file_lock` waited `timeout_s` without getting the lock."""
 
@@ -179,9 +206,11 @@ def file_lock(path: PathLike, timeout_s: float, poll_s: float = 0.1) -> Iterator
 __all__ = [
     "AtomicFile",
     "LockTimeout",
+    "atomic_dir",
     "atomic_path",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
     "file_lock",
+    "refuse_existing",
 ]

@@ -1,5 +1,9 @@
-"""Our weights + config -> a transformers folder (safetensors, config.json, generation_config).
+"""Our checkpoint -> a transformers folder (safetensors, config.json, generation_config).
 
+`export_checkpoint` reads any layout through megatron.checkpoint's `open_checkpoint`
+(verified, weights-only) and runs every check (mappable architecture, castable precision, a
+tokenizer of the model's vocabulary that transformers represents exactly) before the output
+directory appears; it is written under a temporary name and renamed into place.
 The SepLLM settings the model was trained with go into config.json as a `sepllm` entry (read
 back by megatron/hf/sepllm_attention.py); stock transformers ignores the entry and runs full
 attention, so the folder loads anywhere.
@@ -13,13 +17,17 @@ from typing import Any
 
 import torch
 
-from megatron.config.schema import ModelConfig, SepLLMConfig
+from megatron.checkpoint import ReadOptions, open_checkpoint
+from megatron.common.files import atomic_dir, refuse_existing
+from megatron.config.schema import Config, ModelConfig, SepLLMConfig
 from megatron.hf.adapters import to_hf
-from megatron.hf.configs import family, hf_config
+from megatron.hf.configs import UnmappedOption, check_exportable, family, hf_config
+from megatron.hf.tokenizer import TokenizerRefused, write_tokenizer
 from megatron.sepllm.kernels.sa_softmax import SA_KERNELS
 
 Tensor = torch.Tensor
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINING_PRECISION = {"fp32": "fp32", "bfloat16": "bf16", "fp16": "fp16"}
 SEPLLM_KEYS = (
     "mode",
     "separator_token_ids",
@@ -112,3 +120,46 @@ def write_hf_folder(
         str(out)
     )
     return cfg
+
+
+def _check_architecture(cfg: Config, architecture: str | None) -> None:
+    m = cfg.model
+    check_exportable(m)
+    if architecture and architecture != family(m):
+        raise UnmappedOption(
+            f"--architecture {architecture}: the checkpoint's model is {family(m)} style "
+            f"(norm {m.norm}, activation {m.activation}); converting would change its logits"
+        )
+
+
+def export_checkpoint(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    architecture: str | None = None,
+    precision: str | None = None,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+    skip_tokenizer: bool = False,
+    options: ReadOptions = ReadOptions(),  # noqa: B008  (frozen)
+) -> str:
+    """Write the transformers folder; returns a one-line description of what was done."""
+    from megatron.data.tokenizers import build_tokenizer
+
+    out = Path(output_dir)
+    refuse_existing(out)
+    ck = open_checkpoint(input_dir, options, lambda cfg: _check_architecture(cfg, architecture))
+    m, data, state = ck.cfg.model, ck.cfg.data, ck.state_dict()
+    precision = precision or TRAINING_PRECISION[ck.cfg.training.precision]
+    cast_state(state, precision)  # refuses before the output directory exists
+    data.vocab_file = vocab_file or ck.vocab_file()
+    data.merge_file = merge_file or data.merge_file
+    if not skip_tokenizer:
+        try:
+            size = build_tokenizer(data).vocab_size
+        except Exception as exc:  # tokenizer libraries raise many kinds; name the file
+            raise TokenizerRefused(f"{data.tokenizer_type} {data.vocab_file}: {exc}") from exc
+        ck.check_vocab(size, f"the tokenizer {data.vocab_file}")
+    with atomic_dir(out) as tmp:
+        ids: dict[str, int | None] = {} if skip_tokenizer else write_tokenizer(data, tmp)
+        write_hf_folder(tmp, state, m, ck.cfg.sepllm, precision, ids)
+    return f"{ck.step_dir} ({ck.source}) -> {out} [{family(m)}, {precision}]"

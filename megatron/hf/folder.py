@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,8 +203,11 @@ def load_tokenizer(folder: Path, vocab_rows: int) -> Any:
     return tok
 
 
-def open_hf_folder(path: str | Path, skip_tokenizer: bool = False) -> HFFolder:
-    """config.json + weights + tokenizer, every check above passed."""
+def open_hf_folder(
+    path: str | Path, skip_tokenizer: bool = False, check: Callable[[Any], None] | None = None
+) -> HFFolder:
+    """config.json + weights + tokenizer, every check above passed; `check(config)` runs
+    before any weight is read."""
     from transformers import AutoConfig
 
     folder = Path(path)
@@ -213,6 +217,8 @@ def open_hf_folder(path: str | Path, skip_tokenizer: bool = False) -> HFFolder:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (ValueError, OSError, KeyError) as exc:
         raise HFFolderRefused(f"{folder / 'config.json'}: {exc}") from exc
+    if check is not None:
+        check(config)
     state = check_tensors(read_weights(folder), config, folder)
     tok = None if skip_tokenizer else load_tokenizer(folder, int(config.vocab_size))
     return HFFolder(folder, config, state, tok)

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 from convert_hf_to_neox import convert, parse_args
-from neox_checkpoint import read_checkpoint
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 import megatron.hf.sepllm_attention  # noqa: F401  (registers "sepllm")
+from megatron.checkpoint import open_checkpoint
 from megatron.config.loader import load_config
 from megatron.config.validate import finalize
 from megatron.data.builder import build_train_valid_test_datasets
@@ -80,13 +80,12 @@ def test_round_trip_hf_to_ours_to_hf_is_identical(tmp_path: Path) -> None:
     )  # fmt: skip
     model = GPTNeoXForCausalLM(cfg)
     model.save_pretrained(str(tmp_path / "hf"))
-    out = convert(
-        parse_args(["--input_dir", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "n")])
-    )
-    state = torch.load(out / "global_step0" / "universal" / "state.pt", weights_only=False)
+    args = ["--input_dir", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "n")]
+    out = convert(parse_args([*args, "--skip_tokenizer"]))  # the folder has none
     meta = json.loads((out / "global_step0" / "universal" / "meta.json").read_text())
     assert meta["full_state"] and (out / "global_step0" / "COMPLETE").is_file()
-    back = to_hf({k: v["param"] for k, v in state.items()}, config_from_hf(cfg))
+    assert "--skip_tokenizer" in (out / "finetune.yml").read_text()
+    back = to_hf(open_checkpoint(out).state_dict(), config_from_hf(cfg))
     for k, v in model.state_dict().items():
         assert torch.equal(back[k], v), k
 
@@ -109,8 +108,8 @@ def test_round_trip_ours_to_hf_to_ours_is_identical(
 ) -> None:
     """Our checkpoint -> convert_neox_to_hf -> convert_hf_to_neox: the trained tensors."""
     out = convert(parse_args(["--input_dir", str(exported), "--output_dir", str(tmp_path / "n")]))
-    state = torch.load(out / "global_step0" / "universal" / "state.pt", weights_only=False)
-    original = read_checkpoint(sepllm_ckpt).state
+    state = open_checkpoint(out).state_dict()
+    original = open_checkpoint(sepllm_ckpt).state_dict()
     assert set(state) == set(original)
     for k, v in original.items():
-        assert torch.equal(state[k]["param"], v), k
+        assert torch.equal(state[k], v), k

@@ -11,14 +11,17 @@ import pytest
 import torch
 import yaml
 from convert_neox_to_hf import convert, parse_args
-from hf_tokenizer import TokenizerRefused, write_tokenizer
-from neox_checkpoint import CheckpointRefused, read_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from megatron.checkpoint import CheckpointRefused, open_checkpoint
+from megatron.checkpoint.checksums import write_complete
+from megatron.checkpoint.layout import COMPLETE
+from megatron.checkpoint.safe_load import load_file
 from megatron.config.schema import DataConfig, SepLLMConfig
 from megatron.data.tokenizers import tokenizer_for_file
 from megatron.hf.configs import UnmappedOption
 from megatron.hf.export import PrecisionRefused
+from megatron.hf.tokenizer import TokenizerRefused, write_tokenizer
 from megatron.model.transformer import GPTModel
 
 TEXT = (
@@ -30,10 +33,10 @@ TEXT = (
 def _ours_full(ckpt_dir: Path) -> tuple[GPTModel, object]:
     """Our model with the checkpoint's weights and full attention (what stock transformers
     runs without the sepllm attention implementation)."""
-    ck = read_checkpoint(ckpt_dir)
-    vocab = ck.state["embedding.embed.weight"].shape[0]
+    ck = open_checkpoint(ckpt_dir)
+    vocab = ck.state_dict()["embedding.embed.weight"].shape[0]
     model = GPTModel(ck.cfg.model, SepLLMConfig(), vocab).eval()
-    model.load_state_dict(ck.state)
+    model.load_state_dict(ck.state_dict())
     return model, ck
 
 
@@ -88,6 +91,11 @@ def _copy(ckpt: Path, tmp: Path) -> Path:
     return tmp / step.name
 
 
+def _reseal(step: Path) -> None:
+    """Checksums of the edited files, so the edit itself is what gets refused."""
+    write_complete(step, COMPLETE, 2)
+
+
 def test_incomplete_checkpoint_is_refused(sepllm_ckpt: Path, tmp_path: Path) -> None:
     step = _copy(sepllm_ckpt, tmp_path)
     (step / "COMPLETE").unlink()
@@ -104,14 +112,16 @@ def test_unmappable_config_is_refused_by_name(sepllm_ckpt: Path, tmp_path: Path)
     cfg = yaml.safe_load((step / "config.yml").read_text())
     cfg["model"]["pos_emb"] = "learned"
     (step / "config.yml").write_text(yaml.safe_dump(cfg))
+    _reseal(step)
     _refused(["--input_dir", str(step)], tmp_path / "out", UnmappedOption, "pos_emb: learned")
 
 
 def test_precision_that_overflows_is_refused(sepllm_ckpt: Path, tmp_path: Path) -> None:
     step = _copy(sepllm_ckpt, tmp_path)
-    state = torch.load(step / "universal" / "state.pt", weights_only=False)
+    state = load_file(step / "universal" / "state.pt")
     state["blocks.0.mlp.up.bias"]["param"][0] = 1e6
     torch.save(state, step / "universal" / "state.pt")
+    _reseal(step)
     args = ["--input_dir", str(step), "--precision", "fp16"]
     _refused(args, tmp_path / "out", PrecisionRefused, r"fp16: blocks\.0\.mlp\.up\.bias reaches")
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from convert_neox_to_hf import convert, parse_args
-from neox_checkpoint import read_checkpoint
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from megatron.checkpoint import open_checkpoint
 from megatron.config.schema import SepLLMConfig
 from megatron.data.tokenizers import tokenizer_for_file
 from megatron.model.transformer import GPTModel
@@ -24,7 +24,7 @@ from tests.hf.conftest import MODEL, sepllm_overrides
 DP2 = {"num_gpus": 2, "gradient_accumulation_steps": 1}  # same global batch as 1 x 2 x 2
 TP2 = {"model_parallel_size": 2, "num_gpus": 2}
 PP2 = {"pipe_parallel_size": 2, "num_gpus": 2}
-# Each layout reads its weights from a different source (tools/ckpts/neox_checkpoint.py):
+# Each layout reads its weights from a different source (megatron/checkpoint/weights.py):
 # the universal copy (ZeRO 0 fp32, any TP x PP; also the single-process reference),
 # zero_to_fp32 per tensor-parallel rank, or the pipeline's per-layer files.
 LAYOUTS = {
@@ -72,7 +72,7 @@ def test_parallel_layout_converts_to_the_same_model(
 ) -> None:
     options, source = LAYOUTS[layout]
     ckpt = _train(tmp_path, shakespeare, "deepy.py", **options)
-    assert read_checkpoint(ckpt).source == source
+    assert open_checkpoint(ckpt).source == source
     got = _logits(_export(ckpt, tmp_path / "hf"), shakespeare[1])
     want = _logits(reference, shakespeare[1])
     assert (got - want).abs().max().item() <= 1e-4
@@ -87,9 +87,9 @@ def test_bf16_checkpoint_converts_in_bf16(shakespeare: tuple[str, str], tmp_path
     folder = _export(ckpt, tmp_path / "hf")
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
-    ck = read_checkpoint(ckpt)
+    ck = open_checkpoint(ckpt)
     ours = GPTModel(ck.cfg.model, SepLLMConfig(), 1024).eval()
-    ours.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in ck.state.items()})
+    ours.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in ck.state_dict().items()})
     ids = torch.tensor([tokenizer_for_file(shakespeare[1]).tokenize(TEXT)[:48]])
     with torch.no_grad():
         want = ours(ids)
@@ -114,7 +114,7 @@ def test_bf16_tp2_and_pp2_merge_the_module_files(
         "pp2": (PP2, "pipeline layer files"),
     }.items():
         ckpt = _train(tmp_path / name, shakespeare, "deepy.py", **bf16, **options)
-        assert read_checkpoint(ckpt).source == source
+        assert open_checkpoint(ckpt).source == source
         got = _logits(_export(ckpt, tmp_path / f"hf_{name}"), shakespeare[1])
         diff = (got - want).abs().max().item()
         print(f"bf16 {name}: max |logit diff| {diff:.4f} (logits up to {want.abs().max():.2f})")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from convert_neox_to_hf import convert, parse_args
-from neox_checkpoint import read_checkpoint
 from transformers import AutoModelForCausalLM
 
+from megatron.checkpoint import open_checkpoint
 from megatron.config.validate import finalize
 from megatron.data.builder import build_train_valid_test_datasets
 from megatron.data.tokenizers import build_tokenizer
@@ -22,7 +22,7 @@ from tests.conftest import run_cli
 
 def _validation_loss(model: torch.nn.Module, ckpt: Path) -> float:
     """The trainer's first evaluation: validation samples from 0, in micro-batches."""
-    cfg = read_checkpoint(ckpt).cfg
+    cfg = open_checkpoint(ckpt).cfg
     finalize(cfg, 1, build_tokenizer(cfg.data).vocab_size)
     _, valid, _ = build_train_valid_test_datasets(
         cfg.data, cfg.model.seq_length, cfg.training.seed, sample_counts(cfg)

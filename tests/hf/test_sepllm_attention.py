@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from neox_checkpoint import read_checkpoint
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import megatron.hf.sepllm_attention  # noqa: F401  (registers "sepllm")
+from megatron.checkpoint import open_checkpoint
 from megatron.config.schema import ModelConfig, SepLLMConfig
 from megatron.config.validate import finalize
 from megatron.data.builder import build_train_valid_test_datasets
@@ -30,11 +30,11 @@ TEXT = (
 
 
 def _ours(ckpt: Path, sep: SepLLMConfig | None = None) -> tuple[GPTModel, object]:
-    ck = read_checkpoint(ckpt)
+    ck = open_checkpoint(ckpt)
     model = GPTModel(
-        ck.cfg.model, sep or ck.cfg.sepllm, ck.state["embedding.embed.weight"].shape[0]
+        ck.cfg.model, sep or ck.cfg.sepllm, ck.state_dict()["embedding.embed.weight"].shape[0]
     )
-    model.load_state_dict(ck.state)
+    model.load_state_dict(ck.state_dict())
     return model.eval(), ck
 
 
@@ -102,7 +102,7 @@ def test_exported_model_reproduces_the_logged_validation_loss(
 ) -> None:
     """The trainer's last evaluation (iteration 2, the first one: samples from 0) on the same
     validation batches, recomputed by the transformers model."""
-    ck = read_checkpoint(sepllm_ckpt)
+    ck = open_checkpoint(sepllm_ckpt)
     cfg = ck.cfg
     finalize(cfg, 1, build_tokenizer(cfg.data).vocab_size)
     _, valid, _ = build_train_valid_test_datasets(

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hf_tokenizer import write_tokenizer
 from tokenizers import Tokenizer as RawTokenizer
 from transformers import AutoTokenizer
 
@@ -15,6 +14,7 @@ from megatron.config.schema import DataConfig
 from megatron.data.bundled import shakespeare_files
 from megatron.data.tokenizer_training import train_spm
 from megatron.data.tokenizers import build_tokenizer, default_tiktoken_file
+from megatron.hf.tokenizer import write_tokenizer
 
 TEXT = "O Romeo, Romeo! wherefore art thou Romeo?\n\tDeny thy father; and refuse thy name.  "
 
