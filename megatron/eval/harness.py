@@ -9,10 +9,14 @@ with the local tasks of megatron/eval/tasks (and any --include_path), never the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +109,7 @@ def evaluate(
     import megatron.eval.lm  # noqa: F401  registers the "sepneox" model
     import megatron.hf.sepllm_attention  # noqa: F401  registers attn_implementation="sepllm"
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, truncations_said_once():
         manager = task_manager(tasks, include_paths or [], tmp)
         results = lm_eval.simple_evaluate(
             model=model,
@@ -122,6 +126,41 @@ def evaluate(
     if results is None:
         raise RuntimeError("lm_eval returned no results")
     return dict(results)
+
+
+# lm-eval's hf backend warns once per request whose context and continuation exceed the
+# model's window (78 times for 2-shot shakespeare_lambada at 128 tokens).
+HF_LOGGER = "lm_eval.models.huggingface"
+TRUNCATION_WARNING = "Combined length of context"
+
+
+class _TruncationCounter(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(TRUNCATION_WARNING):
+            self.count += 1
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def truncations_said_once() -> Iterator[_TruncationCounter]:
+    """lm-eval's per-request truncation warnings, counted and said once at the end."""
+    counter = _TruncationCounter()
+    logging.getLogger(HF_LOGGER).addFilter(counter)
+    try:
+        yield counter
+    finally:
+        logging.getLogger(HF_LOGGER).removeFilter(counter)
+        if counter.count:
+            print(
+                f"note: {counter.count} requests were longer than the model's window; lm-eval "
+                "kept the last max_length + 1 tokens of each (the context cut from the left)",
+                file=sys.stderr,
+            )
 
 
 def local_task_names() -> list[str]:
