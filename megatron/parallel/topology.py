@@ -6,6 +6,8 @@ so tensor-parallel peers are neighbours (same node) and pipeline stages are furt
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +35,10 @@ def build_parallelism(p: ParallelConfig, world_size: int) -> Parallelism:
 
     pp, tp = max(1, p.pipe_parallel_size), p.model_parallel_size
     dp = world_size // (pp * tp)
-    grid = PipelineParallelGrid(topology=PipeModelDataParallelTopology(pp, tp, dp))
+    # DeepSpeed prints "Using topology: {ProcessCoord(...): 0, ...}" (one entry per rank) to
+    # stdout; the run's first line already gives the layout (world | ... x dp).
+    with contextlib.redirect_stdout(io.StringIO()):
+        grid = PipelineParallelGrid(topology=PipeModelDataParallelTopology(pp, tp, dp))
     tp_ctx = (
         TensorParallel(tp, grid.get_slice_parallel_rank(), grid.get_slice_parallel_group())
         if tp > 1
