@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron.checkpoint.safe_load import load_file
 from megatron.training.metrics import format_line
 from megatron.training.trainer import MAX_CONSECUTIVE_SKIPS, SKIP_WINDOW, SkipBudget
 from tests.conftest import run_cli, write_config
@@ -26,7 +27,7 @@ DIVERGE = {"lr": 1e3, "min_lr": 0.0, "checkpoint_factor": 1, "keep_last_n_checkp
 
 
 def finite_weights(step_dir: Path) -> bool:
-    state = torch.load(step_dir / "mp_rank_00_model_states.pt", weights_only=False)
+    state = load_file(step_dir / "mp_rank_00_model_states.pt")
     return all(torch.isfinite(t).all() for t in state["module"].values())
 
 
