@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron.inference.options import ORIGINAL_DEFAULTS
 from megatron.inference.perplexity import ppl_checkpoints
 from tests.inference.fixtures import TEXT, write_checkpoint, write_hf_folder
 
@@ -119,3 +120,48 @@ def test_hub_dataset_offline_says_pass_a_local_file(
     argv = ["--model_name_or_path", str(models["ours"]), "--output_dir", str(tmp_path)]
     with pytest.raises(RuntimeError, match="local .txt"):
         evaluate_ppl.main([*argv, "--dataset_name", "emozilla/pg19-test"])
+
+
+def test_original_command_runs_as_written(models: dict[str, Path], tmp_path: Path) -> None:
+    """The original's command line (its demo scripts' flags, `--flag True/False`), small sizes
+    and a local text file: SepCache with shift; without the flags, the original's defaults."""
+    argv = ["--model_name_or_path", str(models["ours"]), "--dataset_name", str(models["text"])]
+    original = [
+        *["--init_cache_size", "4", "--sep_cache_size", "8", "--local_size", "24"],
+        *["--cache_size", "48", "--enable_kv_cache_manager", "True", "--enable_SepLLM", "True"],
+        *["--enable_StreamingLLM", "False", "--enable_pos_shift", "True"],
+        *["--num_samples", "5000000", "--num_eval_tokens", "120", "--split", "test"],
+    ]
+    as_written = evaluate_ppl.main([*argv, *original, "--output_dir", str(tmp_path / "a")])
+    bare = run(models, tmp_path / "b", "ours", [*SEP, "--num_eval_tokens", "120"])
+    assert as_written["options"]["cache"] == "sep" and as_written["ppl"] == bare["ppl"]
+    assert 0 < as_written["kept_kv_ratio"] < 1  # the cache evicted
+    no_shift = run(models, tmp_path / "c", "ours", ["--enable_pos_shift", "False", *n_tokens()])
+    assert no_shift["ppl"] != as_written["ppl"]  # keys keep their positions once evicted
+    defaults = vars(evaluate_ppl.parse_args(argv))
+    assert {k: defaults[k] for k in ORIGINAL_DEFAULTS} == ORIGINAL_DEFAULTS
+
+
+def n_tokens() -> list[str]:
+    return ["--num_eval_tokens", "120"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--enable_SepLLM"], True),
+        (["--enable_SepLLM", "True"], True),
+        (["--enable_SepLLM", "false"], False),
+        (["--enable_SepLLM", "0"], False),
+        ([], True),
+    ],
+)
+def test_switch_syntax(flags: list[str], expected: bool) -> None:
+    args = evaluate_ppl.parse_args(["--model_name_or_path", "m", *flags])
+    assert args.enable_SepLLM is expected
+
+
+def test_switch_value_must_be_boolean(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        evaluate_ppl.parse_args(["--model_name_or_path", "m", "--enable_pos_shift", "maybe"])
+    assert "expected True or False, got 'maybe'" in capsys.readouterr().err
