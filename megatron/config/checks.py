@@ -11,6 +11,7 @@ field's allowed values (`describe_allowed`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -70,6 +71,8 @@ def _choice_error(f: dataclasses.Field, value: Any, allowed: tuple[Any, ...]) ->
 
 
 def _range_error(f: dataclasses.Field, value: Any) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):  # .inf / .nan pass every bound
+        return f"{f.name} must be a finite number, got {value}"
     rng = describe_range(f.metadata)
     if rng is None or value is None or isinstance(value, bool):
         return None

@@ -143,12 +143,26 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         errors.extend(_sepllm_errors(cfg))
     if not errors:
         try:
-            resolve_batch(cfg.training, _dp_size(cfg, world_size))
+            batch = resolve_batch(cfg.training, _dp_size(cfg, world_size))
+            errors += _deepspeed_batch_errors(cfg.training.deepspeed_extra, batch)
         except ConfigError as exc:
             errors.append(str(exc))
     if errors:
         unique = list(dict.fromkeys(errors))  # a section check may also run on its own
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(unique))
+
+
+def _deepspeed_batch_errors(extra: dict, batch: tuple[int, int, int]) -> list[str]:
+    """deepspeed_extra is merged over the resolved batch: a different value there would fail
+    inside DeepSpeed after the launch (or silently change the batch)."""
+    names = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+    return [
+        f"deepspeed_extra.{name} = {extra[name]!r} disagrees with the batch this config "
+        f"resolves to (micro {batch[0]} x accumulation {batch[1]} x data parallel = global "
+        f"{batch[2]}): set the batch with the training keys, not in deepspeed_extra"
+        for name, value in zip(names, batch)
+        if name in extra and extra[name] != value
+    ]
 
 
 def _sepllm_errors(cfg: Config) -> list[str]:

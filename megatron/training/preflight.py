@@ -37,7 +37,8 @@ from megatron.config.loader import config_to_dict
 from megatron.config.schema import Config
 from megatron.training import checkpoint
 from megatron.training.schedule import OVERRIDDEN
-from megatron.training.setup import build_model
+from megatron.training.schedule import lr_at
+from megatron.training.setup import build_model, sample_counts
 
 log = logging.getLogger("megatron")
 
@@ -113,7 +114,10 @@ def save_dir_lock(cfg: Config, rank: int) -> Iterator[None]:
 def run_preflight(cfg: Config, rank: int) -> None:
     """Every check on every rank (each sees its own file systems), then the overwrite."""
     # load_errors first: directory_errors creates the save directory, which may be `load`.
-    errors = option_errors(cfg) + load_errors(cfg) + directory_errors(cfg, rank)
+    errors = option_errors(cfg) + index_size_errors(cfg) + load_errors(cfg)
+    errors += directory_errors(cfg, rank)
+    for warning in schedule_warnings(cfg) if rank == 0 else []:
+        log.warning("%s", warning)
     errors += fresh_run_errors(cfg)
     if not errors:
         errors += resume_config_errors(cfg, log_differences=rank == 0)
@@ -160,6 +164,42 @@ def fresh_start_note(cfg: Config) -> str | None:
         f"FRESH START: load = {ck.load} ({root.resolve()}) holds {found}; nothing is resumed, "
         "training starts at iteration 0 from random weights (allow_fresh_start: true)"
     )
+
+
+# The sample index arrays hold at least this much per sample: sample_idx (2 x int64) and
+# shuffle_idx (int64); doc_idx comes on top.
+INDEX_BYTES_PER_SAMPLE = 24
+
+
+def index_size_errors(cfg: Config) -> list[str]:
+    """A run whose sample index cannot fit in memory (train_iters: 1e12) fails before the
+    data is touched, not with a MemoryError after minutes of building it."""
+    import psutil  # a DeepSpeed dependency
+
+    samples = sum(sample_counts(cfg))
+    need, have = samples * INDEX_BYTES_PER_SAMPLE, psutil.virtual_memory().total
+    if need <= have:
+        return []
+    return [
+        f"train_iters {cfg.training.train_iters:,} x global batch {cfg.derived.global_batch} "
+        f"(with validation) = {samples:,} samples: their index arrays need at least "
+        f"{need / 2**30:,.0f} GiB, more than this host's {have / 2**30:,.0f} GiB of memory; "
+        "lower train_iters"
+    ]
+
+
+def schedule_warnings(cfg: Config) -> list[str]:
+    s, iters = cfg.schedule, cfg.training.train_iters
+    warmup = s.warmup_iters
+    if warmup is None:
+        warmup = int(s.warmup * (s.lr_decay_iters or iters))
+    if warmup <= iters:
+        return []
+    peak = lr_at(iters - 1, cfg.optimizer, s, iters)
+    return [
+        f"warmup is {warmup} iterations, longer than the run (train_iters {iters}): the "
+        f"learning rate never reaches lr {cfg.optimizer.lr:g} (it ends at {peak:.3g})"
+    ]
 
 
 def option_errors(cfg: Config) -> list[str]:
