@@ -36,8 +36,7 @@ from megatron.common.files import LockTimeout, file_lock
 from megatron.config.loader import config_to_dict
 from megatron.config.schema import Config
 from megatron.training import checkpoint
-from megatron.training.schedule import OVERRIDDEN
-from megatron.training.schedule import lr_at
+from megatron.training.schedule import OVERRIDDEN, lr_at
 from megatron.training.setup import build_model, sample_counts
 
 log = logging.getLogger("megatron")
