@@ -62,8 +62,11 @@ def build(world: str, device: torch.device) -> torch.nn.Module:
         return ours.to(device)
     from transformers import GPTNeoXForCausalLM
 
+    from megatron.hf.sepllm_attention import apply_sepllm
+
     hf = GPTNeoXForCausalLM(hf_config(m, VOCAB)).eval()
     hf.load_state_dict(to_hf(ours.state_dict(), m), strict=False)
+    apply_sepllm(hf)  # hands the streaming caches their ids
     return hf.to(device)
 
 

@@ -109,6 +109,8 @@ def evaluate(
     import megatron.eval.lm  # noqa: F401  registers the "sepneox" model
     import megatron.hf.sepllm_attention  # noqa: F401  registers attn_implementation="sepllm"
 
+    if model == "hf" and model_args.get("attn_implementation") == "sepllm":
+        model_args = _sepllm_instance(model_args)
     with tempfile.TemporaryDirectory() as tmp, truncations_said_once():
         manager = task_manager(tasks, include_paths or [], tmp)
         results = lm_eval.simple_evaluate(
@@ -126,6 +128,21 @@ def evaluate(
     if results is None:
         raise RuntimeError("lm_eval returned no results")
     return dict(results)
+
+
+def _sepllm_instance(args: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's hf backend given the loaded model: its SepLLM kept rule needs the token ids,
+    which apply_sepllm(model) hands to attention (megatron/hf/sepllm_attention.py)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron.hf.sepllm_attention import apply_sepllm
+
+    path = args["pretrained"]
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    apply_sepllm(model)
+    rest = {k: v for k, v in args.items() if k not in ("attn_implementation", "dtype")}
+    return {**rest, "pretrained": model.eval(), "tokenizer": path}
 
 
 # lm-eval's hf backend warns once per request whose context and continuation exceed the

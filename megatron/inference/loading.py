@@ -115,6 +115,10 @@ def load_hf(folder: Path, dtype: torch.dtype = torch.float32) -> Streamer:
     checked = open_hf_folder(folder)  # strict: refuses before transformers fills in anything
     config_json = json.loads((folder / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+    # The config's sepllm kept rule (if any) with the caches' eviction; the caches' ids.
+    from megatron.hf.sepllm_attention import apply_sepllm
+
+    apply_sepllm(model)
     hf_tok = checked.tokenizer
     tok = TextTokenizer(
         lambda t: hf_tok.encode(t, add_special_tokens=False),

@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-import megatron.hf.sepllm_attention  # noqa: F401  (registers "sepllm")
 from megatron.checkpoint import open_checkpoint
 from megatron.config.schema import ModelConfig, SepLLMConfig
 from megatron.config.validate import finalize
@@ -43,9 +42,8 @@ def _ids(tokenizer_file: str, n: int) -> torch.Tensor:
 
 
 def _sepllm(folder: Path) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(
-        str(folder), attn_implementation="sepllm", local_files_only=True
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    apply_sepllm(model)  # the config's sepllm entry
     return model.eval()
 
 

@@ -1,5 +1,6 @@
 """transformers GPTNeoX / Llama streaming through our Cache layers vs the independent
-never-evicting reference (run on our model with the same weights)."""
+never-evicting reference (run on our model with the same weights); `apply_sepllm` hands the
+cache its ids."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from transformers import GPTNeoXForCausalLM, LlamaForCausalLM
 
 from megatron.hf.adapters import family, hf_config, to_hf
+from megatron.hf.sepllm_attention import apply_sepllm
 from megatron.inference.caches import StreamCache, make_policies
 from megatron.inference.hf_cache import StreamingCache, hf_rotary, hf_step
 from tests.inference.reference import reference_decode, simulate_policy
@@ -31,6 +33,7 @@ def hf_twin(model: torch.nn.Module) -> torch.nn.Module:
     hf = cls(hf_config(m, VOCAB)).eval()
     missing, unexpected = hf.load_state_dict(to_hf(model.state_dict(), m), strict=False)
     assert not unexpected and not missing
+    apply_sepllm(hf)  # no sepllm entry: the model's own attention, the cache's ids routed
     return hf
 
 
@@ -68,7 +71,8 @@ def test_hf_before_eviction_matches_full_forward() -> None:
 def test_hf_needs_the_ids_and_uniform_sizes() -> None:
     hf = hf_twin(build(NEOX))
     cache = new_hf_cache(hf, "sep", True)
-    with pytest.raises(RuntimeError, match="begin_step"):
+    hf._sepllm.remove()  # a model without apply_sepllm never hands the cache its ids
+    with pytest.raises(RuntimeError, match="apply_sepllm"):
         hf(torch.tensor([[1, 2]]), past_key_values=cache, use_cache=True)
     mixed = StreamCache(make_policies("sep", 2, A, S, W, [C, C + 1]), SEPS, True, hf_rotary(hf))
     with pytest.raises(ValueError, match="same cache sizes"):
