@@ -153,11 +153,11 @@ def measure_run(save: Path, spec: RecallSpec, smoke: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------- streaming
 
 
-def held_positions(streamer: Streamer, cache: Any) -> list[set[int]]:
+def held_positions(streamer: Streamer, cache: Any, rows: int) -> list[set[int]]:
     """Per row, the text positions layer 0 holds (before the next step)."""
     layer = streamer.stream_of(cache).layer(0)
     if layer.length == 0:
-        return [set() for _ in range(layer.valid.shape[0] or 1)]
+        return [set() for _ in range(rows)]
     return [set(layer.text_pos[b][layer.valid[b]].tolist()) for b in range(layer.valid.shape[0])]
 
 
@@ -173,7 +173,7 @@ def stream_one(
     by_pos = [{q.answer_pos: q for q in s.queries} for s in seqs]
     records = []
     for lo, hi in chunks(stream, ids.shape[1] - 1, STREAM_CHUNK, exact=False):
-        held = held_positions(streamer, cache)
+        held = held_positions(streamer, cache, len(seqs))
         logits = streamer.step(cache, ids[:, lo:hi]).float()  # [B, n, V]
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, lo + 1 : hi + 1], reduction="none")
         for b in range(len(seqs)):

@@ -72,8 +72,8 @@ def base_value(key: str, args: argparse.Namespace) -> Any:
     return yaml.safe_load((CONFIG_DIR / BASE).read_text())[key]
 
 
-def data_prefix(out: Path, variant: str, split: str) -> Path:
-    return out / "data" / f"{'nosep' if variant.endswith('_nosep') else 'sep'}_{split}"
+def data_prefix(data: Path, variant: str, split: str) -> Path:
+    return data / f"{'nosep' if variant.endswith('_nosep') else 'sep'}_{split}"
 
 
 def stage_data(args: argparse.Namespace, clock: Clock) -> None:
@@ -83,7 +83,7 @@ def stage_data(args: argparse.Namespace, clock: Clock) -> None:
     counts = {"train": iters * batch + 1, "valid": 16 * batch}
     for kind, separators in (("sep", True), ("nosep", False)):
         for split, n in counts.items():
-            prefix = args.out / "data" / f"{kind}_{split}"
+            prefix = args.data / f"{kind}_{split}"
             if Path(f"{prefix}.idx").is_file():
                 log(f"data {prefix.name}: done already")
                 continue
@@ -98,8 +98,8 @@ def train_command(args: argparse.Namespace, name: str) -> list[str]:
     save = args.out / "ckpt" / name
     configs = [str(CONFIG_DIR / BASE), str(CONFIG_DIR / f"recall_{name}.yml")]
     sets: dict[str, Any] = {"save": save, "load": save, "metrics_jsonl": save / "metrics.jsonl"}
-    sets["train_data_paths"] = f"[{data_prefix(args.out, name, 'train')}]"
-    sets["valid_data_paths"] = f"[{data_prefix(args.out, name, 'valid')}]"
+    sets["train_data_paths"] = f"[{data_prefix(args.data, name, 'train')}]"
+    sets["valid_data_paths"] = f"[{data_prefix(args.data, name, 'valid')}]"
     if args.smoke:
         sets.update(SMOKE_SET)
     sets.update(dict(kv.split("=", 1) for kv in args.set))
@@ -174,6 +174,13 @@ def stage_report(args: argparse.Namespace, clock: Clock) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="experiment directory (resumable)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data folder (default <out>/data; another run's "
+        "data can be reused, e.g. for a longer run: --set train_iters=N repeats it in epochs)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, 4 steps, short streams")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
@@ -183,6 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.launcher = args.launcher or ("direct" if args.smoke else "deepy")
     args.out = args.out.resolve()
+    args.data = (args.data or args.out / "data").resolve()
     bad = [kv for kv in args.set if "=" not in kv]
     if bad:
         p.error(f"--set expects KEY=VALUE, got {bad}")
