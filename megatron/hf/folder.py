@@ -149,7 +149,9 @@ def check_tensors(state: dict[str, Tensor], config: Any, where: Path) -> dict[st
     shapes, tied, embed = expected_tensors(model)
     arch = (getattr(config, "architectures", None) or [config.model_type])[0]
     present = {k for k in state if not k.endswith(HF_BUFFERS)}
-    if not present & set(shapes):
+    out = model.get_output_embeddings()
+    head = {f"{n}.weight" for n, mod in model.named_modules() if out is not None and mod is out}
+    if not present & (set(shapes) - head):  # the head's name (lm_head) is shared by families
         raise HFFolderRefused(
             f"{where}: config.json names {arch} but the weights hold none of its tensors (they "
             f"belong to another architecture, e.g. {sorted(present)[:3]})"
