@@ -121,3 +121,30 @@ def test_interactive_reads_prompts_until_empty_line(
         [*argv, "--maximum_tokens", "5", "--temperature", "0", *SEP, *SIZES]
     )
     assert [r["context"] for r in results] == ["To be", "Whether"]
+
+
+def test_neox_text_generation_keys(models: dict[str, Path], tmp_path: Path) -> None:
+    """NeoX's text_generation.yml keys, in NeoX's command form (-d, -i, -o): the output file
+    is written for every mode, and an existing one is refused before any work."""
+    (tmp_path / "model.yml").write_text(f"load: {models['ours']}\n")
+    (tmp_path / "text_generation.yml").write_text(
+        "text_gen_type: unconditional\nnum_samples: 2\nmaximum_tokens: 4\ntemperature: 0.0\n"
+        "recompute: false\nprompt_end: '|'\nsample_output_file: samples.jsonl\n"
+    )
+    out = tmp_path / "samples.jsonl"
+    argv = ["-d", str(tmp_path), "model.yml", "text_generation.yml", "-o", str(out)]
+    results = generate_cli.main(argv)
+    assert [json.loads(x) for x in out.read_text().splitlines()] == results
+    assert len(results) == 2 and all(r["context"] == "" for r in results)
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        generate_cli.settings(argv)
+    assert generate_cli.settings([*argv, "--overwrite"]).overwrite
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("To be|Whether\nor not|")
+    args = generate_cli.settings(
+        [*argv, "--overwrite", "-i", str(prompts), "--text_gen_type", "input-file"]
+    )
+    assert args.text_gen_type == "input-file" and args.recompute is False
+    assert generate_cli._prompts(args) == ["To be", "Whether\nor not"]  # split at prompt_end
+    with pytest.raises(ValueError, match="recompute: true"):
+        generate_cli.settings([*argv, "--overwrite", "--recompute", *SEP])
