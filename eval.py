@@ -79,6 +79,10 @@ def settings(argv: list[str] | None) -> argparse.Namespace:
         args.tasks = [t for t in args.tasks.replace(",", " ").split() if t]
     if not args.tasks:
         raise ValueError(f"no tasks: pass --tasks (local tasks: {', '.join(local_task_names())})")
+    if args.num_fewshot is not None and not (
+        isinstance(args.num_fewshot, int) and args.num_fewshot >= 0
+    ):
+        raise ValueError(f"num_fewshot must be an integer >= 0, got {args.num_fewshot!r}")
     args.tasks = [t for item in args.tasks for t in item.split(",") if t]
     if args.model is not None:
         args.model_args = parse_model_args(args.model_args)

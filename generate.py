@@ -34,6 +34,7 @@ from megatron.config.loader import ConfigError, build_config, merge_sources, rea
 from megatron.inference.loading import Streamer, check_separator_ids, load_model
 from megatron.inference.options import add_cache_args, check_sizes, policies
 from megatron.inference.sampling import Sampling, generate
+from megatron.inference.texts import read_text_file
 
 GEN_TYPES = ("unconditional", "input-file", "interactive")
 GEN_DEFAULTS: dict[str, Any] = {
@@ -128,10 +129,20 @@ def settings(argv: list[str]) -> argparse.Namespace:
         if not args.sample_input_file or not os.path.isfile(args.sample_input_file):
             raise FileNotFoundError(f"sample_input_file {args.sample_input_file!r} does not exist")
     check_sizes(args)
+    _check_counts(args)
     _check_recompute(args)
     _check_output(args.sample_output_file, args.overwrite)
     args.sampling = Sampling(args.temperature, args.top_k, args.top_p, args.maximum_tokens)
+    args.prompt_list = _prompts(args)  # read now: a bad prompts file fails before the model
     return args
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """Counts that would otherwise give rc 0 and nothing (0 samples) or a traceback."""
+    for name in ("num_samples", "chunk_size"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _check_recompute(args: argparse.Namespace) -> None:
@@ -167,10 +178,12 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
     if args.text_gen_type == "input-file":
-        with open(args.sample_input_file, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text_file(args.sample_input_file)  # non-UTF-8: named, with the offset
         # NeoX splits the file at prompt_end (a newline by default).
-        return [p.strip("\n") for p in text.split(args.prompt_end) if p.strip()]
+        prompts = [p.strip("\n") for p in text.split(args.prompt_end) if p.strip()]
+        if not prompts:
+            raise ValueError(f"sample_input_file {args.sample_input_file} holds no prompts")
+        return prompts
     return [""] * args.num_samples  # unconditional
 
 
@@ -219,7 +232,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, str]]:
             )
         _write(args, results)
         return results
-    for prompt in _prompts(args):
+    for prompt in args.prompt_list:
         results.append({"context": prompt, "text": run_one(streamer, args, prompt, seps, g)})
     _write(args, results)
     return results

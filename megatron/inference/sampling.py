@@ -26,16 +26,17 @@ class Sampling:
     max_tokens: int = 64
 
     def __post_init__(self) -> None:
-        if (
-            self.temperature < 0
-            or self.top_k < 0
-            or not 0 <= self.top_p <= 1
-            or self.max_tokens < 1
-        ):
-            raise ValueError(
-                f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, "
-                "0 <= top_p <= 1, max_tokens >= 1"
-            )
+        # Each setting named with what it needs; `not (x >= 0)` also refuses NaN, and a string
+        # from YAML (`maximum_tokens: abc`) is refused instead of failing in a comparison.
+        checks = (
+            ("temperature", self.temperature, (int, float), lambda v: v >= 0, ">= 0"),
+            ("top_k", self.top_k, (int,), lambda v: v >= 0, "an integer >= 0"),
+            ("top_p", self.top_p, (int, float), lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("maximum_tokens", self.max_tokens, (int,), lambda v: v >= 1, "an integer >= 1"),
+        )
+        for name, value, kinds, ok, need in checks:
+            if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
+                raise ValueError(f"{name} must be {need}, got {value!r}")
 
 
 def sample(
