@@ -34,7 +34,7 @@ from megatron.parallel.layers import (
     copy_to_tp,
     param_init_roles,
 )
-from megatron.sepllm.bipe import TokenPositions, stream_positions, token_positions
+from megatron.sepllm.bipe import TokenPositions, cache_step_positions, token_positions
 from megatron.sepllm.info import KeptSet, build_kept_set
 from megatron.sepllm.kernels import AttentionKernel, get_kernel
 
@@ -257,17 +257,10 @@ class GPTModel(nn.Module):
         self, ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:  # ids [B, n] -> logits [B, n, V]
         check_separators(cache, self.sep.mode, list(self.sep.separator_token_ids))
-        if self.sep.bipe and cache.pos_shift:
-            raise ValueError(
-                "BiPE over a cache needs pos_shift off (--enable_pos_shift False): its RoPE "
-                "positions count separators, and the shift re-rotates held keys to cache indices"
-            )
+        # BiPE: the step's own positions (None: each layer's cache positions)
+        bipe = cache_step_positions(self.sep, cache, ids, attention_mask, self.cfg.max_positions)
         step = cache.begin_step(ids, attention_mask)
         try:
-            bipe = None
-            if self.sep.bipe:  # the counters of the text so far travel with the cache
-                m = self.cfg.max_positions
-                bipe, cache.bipe = stream_positions(ids, self.sep, cache.bipe, attention_mask, m)
             x = self.embedding(ids, cache.layer(0).positions(step) if bipe is None else bipe.embed)
             ctx = BatchContext(None, None, ids.shape[1], step, self.context.rotary, bipe)
             for i, block in enumerate(self.blocks):

@@ -24,6 +24,7 @@ forward or token by token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -131,6 +132,26 @@ def stream_positions(
             f"learned intra-segment table ({max_positions} rows, max_position_embeddings)"
         )
     return TokenPositions(intra, inter), nxt
+
+
+def cache_step_positions(
+    sep: SepLLMConfig,
+    cache: Any,  # megatron.model.cache.KVCache: carries `bipe` (a BipeState) and `pos_shift`
+    ids: torch.Tensor,  # [B, n]: the step's tokens
+    valid: torch.Tensor | None,  # [B, n]: 1 real / 0 left padding
+    max_positions: int,
+) -> TokenPositions | None:
+    """BiPE positions of a step over `cache`, advancing the counters the cache carries for
+    its stream; None without BiPE (the model then gives each layer the cache's positions)."""
+    if not sep.bipe:
+        return None
+    if cache.pos_shift:
+        raise ValueError(
+            "BiPE over a cache needs pos_shift off (--enable_pos_shift False): its RoPE "
+            "positions count separators, and the shift re-rotates held keys to cache indices"
+        )
+    pos, cache.bipe = stream_positions(ids, sep, cache.bipe, valid, max_positions)
+    return pos
 
 
 def bipe_errors(sep: SepLLMConfig, pos_emb: str) -> list[str]:
