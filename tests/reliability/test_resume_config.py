@@ -58,7 +58,14 @@ def test_architecture_change_is_refused_unless_finetune(tmp_path: Path, change, 
 
 def test_other_differences_are_listed(tmp_path: Path, caplog) -> None:
     ck = str(fake_checkpoint(tmp_path / "ck"))
-    new = cfg(load=ck, hidden_dropout=0.1, gradient_accumulation_steps=2, lr=1e-3)
+    # A changed lr is applied only with override_lr_scheduler (refused otherwise: compat tests).
+    new = cfg(
+        load=ck,
+        hidden_dropout=0.1,
+        gradient_accumulation_steps=2,
+        lr=1e-3,
+        override_lr_scheduler=True,
+    )
     with caplog.at_level(logging.INFO, logger="megatron"):
         assert preflight.resume_config_errors(new) == []
     assert "batch changed (training.gradient_accumulation_steps: 1 -> 2" in caplog.text
