@@ -229,7 +229,8 @@ def _check_token_ids(cfg: Config, vocab_size: int) -> None:
     """Separator and pad ids must be tokens of the run's tokenizer: an id past the vocabulary
     never occurs in the data, which silently turns SepLLM into StreamingLLM."""
     s, errors = cfg.sepllm, []
-    ids = [*s.separator_token_ids, *(s.bipe_separator_token_ids or [])]
+    bipe_ids = (s.bipe_separator_token_ids or []) if s.bipe else []  # unused without BiPE
+    ids = [*s.separator_token_ids, *bipe_ids]
     outside = sorted({int(i) for i in ids if int(i) >= vocab_size})
     if outside:
         errors.append(

@@ -190,3 +190,21 @@ def test_decode_in_steps_equals_the_full_forward() -> None:
     shifted = StreamCache(make_policies("full", 2), [DOT, COMMA], pos_shift=True)
     with pytest.raises(ValueError, match="BiPE over a cache needs pos_shift off"):
         model(ids, cache=shifted)
+
+
+def test_bipe_ids_outside_the_vocabulary_are_refused_when_used() -> None:
+    from megatron.config.loader import ConfigError
+    from megatron.config.validate import finalize
+    from tests.conftest import MINIMAL_CONFIG
+
+    def cfg(**sep):
+        c = Config(model=ModelConfig(**{k: MINIMAL_CONFIG[k] for k in (
+            "num_layers", "hidden_size", "num_attention_heads", "seq_length")}))  # fmt: skip
+        c.sepllm = SepLLMConfig(mode="sepllm", separator_token_ids=[DOT], **sep)
+        c.training.train_micro_batch_size_per_gpu = 2
+        c.data.data_path = "unused"
+        return c
+
+    with pytest.raises(ConfigError, match=r"bipe_separator_token_ids \[300\] are outside"):
+        finalize(cfg(bipe=True, bipe_separator_token_ids=[DOT, 300]), 1, 100)
+    finalize(cfg(bipe=False, bipe_separator_token_ids=[DOT, 300]), 1, 100)  # not used: fine
