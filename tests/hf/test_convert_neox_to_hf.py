@@ -129,3 +129,23 @@ def test_precision_that_overflows_is_refused(sepllm_ckpt: Path, tmp_path: Path) 
 def test_char_level_tokenizer_is_refused_with_a_message(tmp_path: Path) -> None:
     with pytest.raises(TokenizerRefused, match="CharLevelTokenizer.*--skip_tokenizer"):
         write_tokenizer(DataConfig(tokenizer_type="CharLevelTokenizer"), tmp_path)
+
+
+def _word_level(path: Path, entries: int) -> Path:
+    """A tokenizer.json of `entries` ids (another tokenizer than the model trained with)."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<|endoftext|>": 0} | {f"w{i}": i for i in range(1, entries)}
+    Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>")).save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("entries", [500, 2000])
+def test_vocab_file_of_another_size_is_refused(
+    sepllm_ckpt: Path, tmp_path: Path, entries: int
+) -> None:
+    """The checkpoint trained with a 1024-entry tokenizer (1024 embedding rows): a smaller one
+    would export a model whose ids mean other text, a larger one ids the model has no row for."""
+    vocab = _word_level(tmp_path / f"tok{entries}.json", entries)
+    args = ["--input_dir", str(sepllm_ckpt), "--vocab_file", str(vocab)]
+    _refused(args, tmp_path / "out", CheckpointRefused, f"has {entries} entries .*1024")
