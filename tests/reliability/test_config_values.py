@@ -76,12 +76,12 @@ def test_a_key_set_twice_in_one_file_is_an_error(tmp_path: Path) -> None:
 
 
 def test_every_unknown_key_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
-    p = write(tmp_path, "neox.yml", "num_layers: 2\nattention_config: x\nscaled_upper: 1\n")
+    p = write(tmp_path, "neox.yml", "num_layers: 2\nattn_config: x\nscaled_upper: 1\n")
     with pytest.raises(ConfigError) as exc:
         load_config([p])
     text = str(exc.value)
     assert "2 unknown keys" in text
-    assert "'attention_config'" in text and "'scaled_upper'" in text
+    assert "'attn_config'" in text and "'scaled_upper'" in text
 
 
 def test_separator_and_pad_ids_must_be_in_the_tokenizer_vocabulary() -> None:
