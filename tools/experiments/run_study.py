@@ -1,7 +1,7 @@
 """The SepLLM study end to end (docs/results.md): train the five variants of
 configs/experiments/, convert them to transformers, measure, plot, and write a report.
 
-    python tools/experiments/run_study.py --out outputs/study          # the CPU study
+    OMP_NUM_THREADS=1 python tools/experiments/run_study.py --out runs/study   # docs/results.md
     python tools/experiments/run_study.py --out /tmp/smoke --smoke     # a 1-2 minute check
 
 Stages (`--stages`, default all, in this order):
