@@ -28,6 +28,10 @@ class MetricsWriter:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            if cfg.wandb_mode != "online":
+                # wandb's analytics follow its process-wide settings, not init's `mode`: without
+                # this an offline run still resolves and contacts wandb's server.
+                wandb.setup(settings=wandb.Settings(mode=cfg.wandb_mode))
             self.wandb = wandb.init(
                 project=cfg.wandb_project,
                 entity=cfg.wandb_team,
