@@ -4,11 +4,13 @@ original keys and the refusals."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from megatron.config.schema import Config, ModelConfig, SepLLMConfig
-from megatron.hf.export import check_sepllm_exportable
+from megatron.hf.export import check_sepllm_exportable, write_hf_folder
 from megatron.model.transformer import BatchContext, GPTModel
 from megatron.parallel.layers import REPLICATED, param_specs
 from megatron.sepllm.aliases import apply_sepllm_aliases
@@ -167,6 +169,8 @@ def test_config_errors_and_export_refusals() -> None:
     assert any("negative ids" in e for e in bipe_errors(bad, "rotary"))
     with pytest.raises(ValueError, match="BiPE.*cannot be exported"):
         check_sepllm_exportable(sep)
+    with pytest.raises(ValueError, match="BiPE.*cannot be exported"):  # before anything is read
+        write_hf_folder(Path("never-written"), {}, ModelConfig(), sep, "fp32", {})
     with pytest.raises(ValueError, match="Self-Adjust softmax.*cannot be exported"):
         check_sepllm_exportable(SepLLMConfig(attention_kernel="sa_no_deno"))
     check_sepllm_exportable(SepLLMConfig(mode="sepllm", separator_token_ids=[DOT]))
