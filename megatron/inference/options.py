@@ -13,6 +13,7 @@ cache. With --enable_kv_cache_manager False the cache is full (never evicts).
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Sequence
 
 from megatron.inference.caches import Policy, make_policies
@@ -117,6 +118,13 @@ def cache_kind(args: argparse.Namespace) -> str:
             "like the original, has --enable_SepLLM True by default: add --enable_SepLLM False)"
         )
     if not args.enable_kv_cache_manager:
+        chosen = [f for f in ("SepLLM", "StreamingLLM") if getattr(args, f"enable_{f}")]
+        if chosen:  # the original's rule, said once instead of silently
+            warnings.warn(
+                f"--enable_{chosen[0]} takes effect only with --enable_kv_cache_manager: this "
+                "run uses the full cache",
+                stacklevel=2,
+            )
         return "full"
     if args.enable_SepLLM:
         return "sep"

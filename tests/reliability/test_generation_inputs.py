@@ -68,3 +68,9 @@ def test_negative_num_fewshot_is_refused() -> None:
     flags = ["--tasks", "shakespeare_lambada", *NO_MODEL, "--num_fewshot", "-1"]
     with pytest.raises(ValueError, match="num_fewshot must be an integer >= 0, got -1"):
         evaluate.settings(flags)
+
+
+def test_sepllm_flag_without_the_cache_manager_is_said() -> None:
+    with pytest.warns(UserWarning, match="--enable_SepLLM takes effect only with --enable_kv_c"):
+        args = generate.settings([*NO_MODEL, "--enable_SepLLM"])
+    assert not args.enable_kv_cache_manager  # the full cache, as the original does
