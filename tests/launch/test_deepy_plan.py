@@ -197,16 +197,17 @@ def test_no_ssh_node_rank_with_hostfile(
 def test_node_rank_is_not_sent_to_ranks(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    launched: list[deepy.LaunchPlan] = []
-    monkeypatch.setattr(deepy, "execute", lambda plan: launched.append(plan) or 0)
+    launched: list[tuple[deepy.LaunchPlan, Any]] = []
+    # The config file exists while the launch runs (deepy.py removes it afterwards).
+    read = lambda plan: launched.append((plan, read_sources_file(plan.argv[-1]))) or 0  # noqa: E731
+    monkeypatch.setattr(deepy, "execute", read)
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump({**TRAIN, "num_nodes": 2, "master_addr": "127.0.0.1"}))
     flags = ["--node-rank", "1", "--set", "seed=3", "--config-dir", str(tmp_path)]
     assert deepy.main(["train.py", str(cfg), *flags]) == 0
-    (plan,) = launched
+    ((plan, (sources, _)),) = launched
     assert plan.world_size == 2 and plan.argv[plan.argv.index("--node_rank") + 1] == "1"
     assert plan.argv[-2] == "--config-file" and not plan.env
-    sources, _ = read_sources_file(plan.argv[-1])
     # Every node sends the same config: node_rank stays out, --set overrides go in.
     assert dict(sources)["overrides"] == {"seed": 3}
 
@@ -274,10 +275,20 @@ def test_print_config_for_sbatch(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert dict(sources)["overrides"] == {"launcher": "slurm"} and str(cfg) in raw
 
 
-def _launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *flags: str, **keys: Any):
-    """deepy.main up to the launch; returns (plan, the environment execute() would set)."""
+def _launch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *flags: str, at_launch=None, **keys: Any
+):
+    """deepy.main up to the launch; returns (plan, config path). `at_launch(plan)` runs while
+    the launch would (the config file exists then; deepy.py removes it afterwards)."""
     launched: list[deepy.LaunchPlan] = []
-    monkeypatch.setattr(deepy, "execute", lambda plan: launched.append(plan) or 0)
+
+    def execute(plan: deepy.LaunchPlan) -> int:
+        launched.append(plan)
+        if at_launch is not None:
+            at_launch(plan)
+        return 0
+
+    monkeypatch.setattr(deepy, "execute", execute)
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump({**TRAIN, **keys}))
     assert deepy.main(["train.py", str(cfg), *flags]) == 0
@@ -286,16 +297,27 @@ def _launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *flags: str, **keys
 
 def test_config_file_next_to_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     save = tmp_path / "ckpt"
-    plan, cfg = _launch(tmp_path, monkeypatch, "--set", "seed=5", save=str(save))
+    seen: dict[str, Any] = {}
+
+    def at_launch(plan: deepy.LaunchPlan) -> None:
+        path = Path(plan.argv[-1])
+        seen["payload"] = json.loads(path.read_text())  # readable JSON, written atomically
+        seen["listing"] = [p.name for p in path.parent.iterdir()]
+        # What train.py on a rank reads back: the same sources and raw YAML text.
+        args = train_parse_args(plan.argv[plan.argv.index("train.py") + 1 :])
+        seen["read"] = launch_sources(args.config_file, args.config_env, args.config_b64)
+
+    plan, cfg = _launch(
+        tmp_path, monkeypatch, "--set", "seed=5", at_launch=at_launch, save=str(save)
+    )
     path = Path(plan.argv[-1])
     assert plan.argv[-2] == "--config-file" and path.parent == save / "launch"
-    payload = json.loads(path.read_text())  # readable JSON, written atomically
+    payload = seen["payload"]
     assert payload["format"] == 1 and "deepy.py on " in payload["written_by"]
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
-    # What train.py on a rank reads back: the same sources and raw YAML text.
-    args = train_parse_args(plan.argv[plan.argv.index("train.py") + 1 :])
-    sources, raw = launch_sources(args.config_file, args.config_env, args.config_b64)
+    assert seen["listing"] == [path.name]  # no temporary left
+    sources, raw = seen["read"]
     assert dict(sources)["overrides"] == {"seed": 5} and raw == {str(cfg): cfg.read_text()}
+    assert not path.parent.exists()  # removed when the launch ended
 
 
 def test_config_via_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
