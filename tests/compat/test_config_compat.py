@@ -185,6 +185,13 @@ def test_neox_llama_schedule_attention_and_deepspeed_blocks() -> None:
             load([LLAMA], **bad)
 
 
+def test_deepspeed_slurm_is_the_slurm_launcher() -> None:
+    assert load_config([], {**MINIMAL_CONFIG, "deepspeed_slurm": True}).launcher.launcher == "slurm"
+    assert load_config([], {**MINIMAL_CONFIG, "deepspeed_slurm": False}).launcher.launcher == "pdsh"
+    with pytest.raises(ConfigError, match="set twice"):
+        load_config([], {**MINIMAL_CONFIG, "deepspeed_slurm": True, "launcher": "pdsh"})
+
+
 def test_deepspeed_blocks_join_across_files(tmp_path: Path) -> None:
     a, b = tmp_path / "a.yml", tmp_path / "b.yml"
     a.write_text(yaml.safe_dump({**MINIMAL_CONFIG, "data_types": {"grad_accum_dtype": "fp32"}}))
