@@ -121,12 +121,15 @@ def check_family(config: Any) -> None:
     if softcap is not None:
         raise ValueError(f"{kind}: attn_logit_softcapping={softcap} has no SepLLM kernel")
     rope = getattr(config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
-    if rope_type not in EXACT_ROPE:
-        raise ValueError(
-            f"{kind}: rope_type {rope_type!r} cannot be re-rotated exactly (its frequencies or "
-            f"scaling depend on the length); exact: {', '.join(EXACT_ROPE)}"
-        )
+    # one dict, or one per layer type (Gemma 3)
+    per_type = [v for v in rope.values() if isinstance(v, dict)] or [rope]
+    for params in per_type:
+        rope_type = params.get("rope_type", "default")
+        if rope_type not in EXACT_ROPE:
+            raise ValueError(
+                f"{kind}: rope_type {rope_type!r} cannot be re-rotated exactly (its frequencies "
+                f"or scaling depend on the length); exact: {', '.join(EXACT_ROPE)}"
+            )
 
 
 class SepLLM:

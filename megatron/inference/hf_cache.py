@@ -109,14 +109,27 @@ def _policies(stream: StreamCache) -> list:
 
 
 def hf_rotary(model: torch.nn.Module) -> Rotary | None:
-    """The model's RoPE frequencies as the cache's re-rotation spec."""
+    """The model's RoPE frequencies as the cache's re-rotation spec (one table for every
+    layer: a model whose layer types rotate differently, e.g. Gemma 3's sliding layers, is
+    refused by name)."""
     rotary = getattr(getattr(model, "base_model", model), "rotary_emb", None)
     if rotary is None:
         return None
-    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
     if scaling != 1.0:
         raise ValueError(f"rope with attention_scaling {scaling} cannot be re-rotated exactly")
-    inv_freq = rotary.inv_freq.detach().float()
+    tables = {
+        name: buf.detach().float()
+        for name, buf in rotary.named_buffers()
+        if name.endswith("inv_freq") and "original" not in name
+    }
+    distinct = {tuple(t.tolist()) for t in tables.values()}
+    if len(distinct) != 1:
+        raise ValueError(
+            f"{type(rotary).__name__}: {len(distinct)} RoPE tables ({', '.join(sorted(tables))})"
+            " cannot share one cache's re-rotation; use one layer type"
+        )
+    inv_freq = next(iter(tables.values()))
     return Rotary(inv_freq, 2 * inv_freq.numel())
 
 
