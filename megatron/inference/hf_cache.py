@@ -67,7 +67,7 @@ class StreamLayer(CacheLayerMixin):
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        return self.store.length + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.store.length  # slots, valid or not: the attention mask marks the invalid
@@ -89,6 +89,16 @@ class StreamingCache(Cache):
             )
         super().__init__(layers=[StreamLayer(stream, i) for i in range(len(stream.layers))])
         self.stream = stream
+        self.fed = 0  # token columns handed to the model so far (padding included)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens processed, as for transformers' DynamicCache, so `generate` continues a
+        conversation from the ids after them (the cache holds fewer once it evicts)."""
+        return self.fed
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Slots held before the step's queries (what a model's own causal mask aligns to)."""
+        return self.stream.layer(layer_idx).length
 
     def begin_step(
         self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -96,6 +106,7 @@ class StreamingCache(Cache):
         """Register the step's ids [B, n] (mask [B, n]: 1 real, 0 padding); the model's
         position_ids and attention mask for it."""
         step = self.stream.begin_step(ids, attention_mask)
+        self.fed += ids.shape[1]
         layer = self.stream.layer(0)
         held = layer.valid if layer.length else step.valid[:, :0]
         return layer.positions(step), torch.cat([held, step.valid], dim=1).long()

@@ -53,6 +53,19 @@ def test_generate_equals_our_streaming_loop(spec: dict, kind: str) -> None:
     assert cache.stream.summary()["tokens"] == 10 + NEW - 1
 
 
+def test_generate_continues_after_a_chunked_prefill() -> None:
+    """A prompt streamed through the cache in chunks (cut at its room, evicting), then
+    `generate` with the whole prompt: it feeds only the ids after the tokens processed."""
+    model = build(LLAMA)
+    hf = hf_twin(model)
+    prompt = stream_ids(25, seed=15)[None]
+    cache = streaming_cache(hf, "sep", A, S, W, C, separator_ids=SEPS)
+    for start, end in chunks(cache.stream, 24, 8):
+        hf_step(hf, cache, prompt[:, start:end])
+    assert max(cache.stream.summary()["peak_length"]) <= C < 24  # it evicted already
+    assert hf_greedy(hf, prompt, cache)[0] == our_greedy(model, prompt, "sep")
+
+
 def test_generate_equals_full_cache_before_eviction() -> None:
     hf = hf_twin(build(LLAMA))
     prompt = stream_ids(10, seed=12)[None]
