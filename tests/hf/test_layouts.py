@@ -1,4 +1,6 @@
-"""Every layout the trainer writes converts, and gives the single-process run's HF logits.
+"""Every layout the trainer writes converts, and gives the single-process run's HF logits;
+the loader of generate.py / tools/streaming/evaluate_ppl.py / eval.py (megatron.inference.
+loading over open_checkpoint) gives the single-process run's logits and streaming perplexity.
 
 Real gloo processes through deepy.py (slow); the single-process reference is the shared
 SepLLM checkpoint of conftest.py, trained with the same model, data, seed and global batch.
@@ -17,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from megatron.checkpoint import open_checkpoint
 from megatron.config.schema import SepLLMConfig
 from megatron.data.tokenizers import tokenizer_for_file
+from megatron.inference.loading import load_model
 from megatron.model.transformer import GPTModel
 from tests.conftest import run_cli, write_config
 from tests.hf.conftest import MODEL, sepllm_overrides
@@ -65,10 +68,41 @@ def reference(sepllm_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return _export(sepllm_ckpt, tmp_path_factory.mktemp("ref") / "hf")
 
 
+def _tool_outputs(ckpt: Path, tokenizer: str, tmp: Path) -> tuple[torch.Tensor, float]:
+    """Our model's logits as generate / eval's sepneox load it, and evaluate_ppl's full-cache
+    perplexity of TEXT."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    tool = ROOT / "tools" / "streaming" / "evaluate_ppl.py"
+    spec = importlib.util.spec_from_file_location("ppl_layouts", tool)
+    evaluate_ppl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_ppl)
+    ids = torch.tensor([tokenizer_for_file(tokenizer).tokenize(TEXT)[:48]])
+    with torch.no_grad():
+        logits = load_model(str(ckpt)).model(ids)
+    (tmp / "text.txt").write_text(TEXT)
+    argv = ["--model_name_or_path", str(ckpt), "--dataset_name", str(tmp / "text.txt")]
+    full = ["--enable_kv_cache_manager", "False", "--output_dir", str(tmp / "ppl")]
+    return logits, evaluate_ppl.main([*argv, *full])["ppl"]
+
+
+@pytest.fixture(scope="module")
+def reference_tools(
+    sepllm_ckpt: Path, shakespeare: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[torch.Tensor, float]:
+    return _tool_outputs(sepllm_ckpt, shakespeare[1], tmp_path_factory.mktemp("ref_tools"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_parallel_layout_converts_to_the_same_model(
-    layout: str, reference: Path, shakespeare: tuple[str, str], tmp_path: Path
+    layout: str,
+    reference: Path,
+    reference_tools: tuple[torch.Tensor, float],
+    shakespeare: tuple[str, str],
+    tmp_path: Path,
 ) -> None:
     options, source = LAYOUTS[layout]
     ckpt = _train(tmp_path, shakespeare, "deepy.py", **options)
@@ -76,6 +110,9 @@ def test_parallel_layout_converts_to_the_same_model(
     got = _logits(_export(ckpt, tmp_path / "hf"), shakespeare[1])
     want = _logits(reference, shakespeare[1])
     assert (got - want).abs().max().item() <= 1e-4
+    logits, ppl = _tool_outputs(ckpt, shakespeare[1], tmp_path)
+    assert (logits - reference_tools[0]).abs().max().item() <= 1e-4
+    assert ppl == pytest.approx(reference_tools[1], rel=1e-4)
 
 
 @pytest.mark.slow

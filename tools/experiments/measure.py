@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from megatron.checkpoint import open_checkpoint
 from megatron.common.files import atomic_write_text
+from megatron.config.loader import config_to_dict
 from megatron.config.schema import SepLLMConfig
 from megatron.data.builder import split_boundaries
 from megatron.data.indexed_dataset import MMapIndexedDataset
@@ -41,8 +43,8 @@ STREAM_CHUNK = 32
 
 
 def saved_config(save: Path) -> dict[str, Any]:
-    tag = (save / "latest").read_text().strip()
-    return yaml.safe_load((save / tag / "config.yml").read_text())
+    """The run's resolved config (its `latest` checkpoint, verified) as nested sections."""
+    return config_to_dict(open_checkpoint(save).cfg)
 
 
 def heldout_tokens(save: Path) -> torch.Tensor:
