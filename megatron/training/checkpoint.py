@@ -117,7 +117,7 @@ def _explain_os_error(root: Path, out: Path) -> Iterator[None]:
             free = f"{shutil.disk_usage(root).free / 2**20:,.0f} MiB free on {root}"
         except OSError:
             free = f"free space on {root} unknown"
-        latest = root / "latest"
+        latest = root / layout.LATEST
         previous = latest.read_text().strip() if latest.is_file() else "nothing"
         raise CheckpointError(
             f"saving checkpoint {out} failed: {exc.strerror or exc} ({code}) at "
@@ -134,7 +134,7 @@ def _free_space(root: Path) -> str:
 
 
 def _latest_of(root: Path) -> str:
-    latest = root / "latest"
+    latest = root / layout.LATEST
     return latest.read_text().strip() if latest.is_file() else "nothing"
 
 
@@ -188,7 +188,7 @@ def find_tag(ckpt: CheckpointConfig) -> str | None:
                 f"iteration {ckpt.iteration} requested but {root / tag} is missing"
             )
     else:
-        latest = root / "latest"
+        latest = root / layout.LATEST
         if not latest.is_file():
             return None
         tag = latest.read_text().strip()

@@ -3,7 +3,8 @@ the imported checkpoint is one every tool reads as it is. For a tied + GQA Llama
 untied GPT-NeoX with partial rotary and parallel residual: the exported folder's logits equal
 the original's (<= 1e-5), its tokenizer gives the same ids on a probe text, and the imported
 checkpoint's streaming perplexity (full cache, tools/streaming/evaluate_ppl.py) equals the
-original transformers model's perplexity on the same text."""
+original transformers model's perplexity on the same text, and eval.py's adapter scores a
+continuation as the transformers model does."""
 
 from __future__ import annotations
 
@@ -97,3 +98,11 @@ def test_hf_to_ours_to_hf_by_the_documented_commands(name: str, tmp_path: Path) 
     full = ["--enable_kv_cache_manager", "False", "--output_dir", str(tmp_path / "ppl")]
     summary = evaluate_ppl.main([*argv, *full])
     assert summary["ppl"] == pytest.approx(_hf_ppl(hf_in, STREAM), rel=1e-5)
+
+    from megatron.eval.lm import SepneoxLM  # eval.py's adapter over the imported checkpoint
+
+    lm = SepneoxLM(path=str(tmp_path / "ours"))
+    context, continuation = ids[:20], ids[20:30]
+    logp = torch.log_softmax(models[0](torch.tensor([ids[:30]])).logits[0, :-1], -1)
+    want_ll = logp[19:29].gather(1, torch.tensor(continuation)[:, None]).sum().item()
+    assert lm._score(context, continuation)[0] == pytest.approx(want_ll, abs=1e-4)
