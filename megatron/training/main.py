@@ -7,10 +7,8 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
-import time
 from typing import Any
 
 import torch
@@ -18,6 +16,7 @@ import torch.distributed as dist
 
 from megatron.common.accelerator import pin_cpu_accelerator
 from megatron.common.files import atomic_write_text
+from megatron.common.watchdog import watch_launcher
 from megatron.config.loader import ConfigError, build_config, merge_sources
 from megatron.config.schema import Config
 from megatron.config.sources import gather_sources, launch_sources
@@ -76,45 +75,6 @@ def main(argv: list[str] | None = None) -> list[float]:
 
 ERRORS_ENV = "PYTHON_SEPNEOX_ERRORS"  # set by deepy.py: where ranks report a fatal error
 LAUNCHER_ENV = "PYTHON_SEPNEOX_LAUNCHER"  # set by deepy.py: "<host> <pid>" of deepy.py itself
-WATCH_INTERVAL_S = 1.0
-
-
-def watch_launcher(spec: str | None, interval_s: float = WATCH_INTERVAL_S) -> None:
-    """Stop this rank when deepy.py is gone (kill -9 leaves DeepSpeed's per-node launcher and
-    the ranks orphaned, still training and writing checkpoints).
-
-    deepy.py names itself in LAUNCHER_ENV; a rank on the same host watches that process (pid
-    and start time, so a reused pid does not count as alive) from a daemon thread and, once it
-    is gone, sends itself SIGTERM: the ordinary stop (between steps, a checkpoint of the last
-    finished step, exit 143), after which DeepSpeed's launcher ends too. Ranks on other hosts
-    rely on their launcher (pdsh / mpirun / srun lose their connection and stop them).
-    """
-    import psutil  # a DeepSpeed dependency
-
-    host, _, pid = (spec or "").partition(" ")
-    if not pid or host != socket.gethostname():
-        return
-    try:
-        launcher = psutil.Process(int(pid))
-    except (psutil.Error, ValueError):
-        launcher = None
-    if launcher is None or not launcher.is_running():
-        log.error("deepy.py (pid %s) is gone before this rank started: stopping", pid)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-
-    def alive() -> bool:  # is_running compares the start time; a zombie is gone too
-        with contextlib.suppress(psutil.Error):
-            return launcher.is_running() and launcher.status() != psutil.STATUS_ZOMBIE
-        return False
-
-    def watch() -> None:
-        while alive():
-            time.sleep(interval_s)
-        log.error("deepy.py (pid %s) is gone (killed?): stopping this rank", pid)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def _report_error(exc: Exception) -> None:

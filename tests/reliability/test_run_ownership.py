@@ -10,6 +10,8 @@ fresh start is never silent.
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -90,6 +92,48 @@ def test_fresh_start_names_the_path_it_looked_in(tmp_path: Path) -> None:
     (empty / "global_step3" / COMPLETE).write_text("3")
     (empty / "latest").write_text("global_step3")
     assert preflight.fresh_start_note(cfg(load=str(empty), allow_fresh_start=True)) is None
+
+
+RANK = (
+    "import os, sys, time; from megatron.common.watchdog import watch_launcher\n"
+    "watch_launcher(sys.argv[1], interval_s=0.1)\n"
+    "print('watching', os.getpid(), flush=True); time.sleep(60)\n"
+)
+
+
+def start_rank(spec: str, via_middle: bool) -> tuple[subprocess.Popen, psutil.Process]:
+    """A process running the rank's watch, started directly or by a middle process that
+    stands for DeepSpeed's per-node launcher."""
+    rank = [sys.executable, "-c", RANK, spec]
+    if via_middle:
+        rank = [sys.executable, "-c", f"import subprocess; subprocess.Popen({rank!r}).wait()"]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen(rank, cwd=ROOT, text=True, **pipes)
+    assert proc.stdout is not None
+    return proc, psutil.Process(int(proc.stdout.readline().split()[1]))
+
+
+@pytest.mark.parametrize("killed", ["deepy.py", "the per-node launcher"])
+def test_a_rank_stops_when_its_launcher_is_killed(killed: str) -> None:
+    """The watch alone, in light processes: SIGTERM (the rank's ordinary stop) within a
+    second of the kill; the full tree under deepy.py is the slow test below."""
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    spec = f"{socket.gethostname()} {stand_in.pid}" if killed == "deepy.py" else "elsewhere 1"
+    middle, rank = start_rank(spec, via_middle=killed != "deepy.py")
+    try:
+        victim = stand_in if killed == "deepy.py" else middle
+        victim.kill()
+        victim.wait()
+        code = rank.wait(timeout=10)  # gone; its code is known only to its parent
+        assert code in (None, -signal.SIGTERM)
+        assert middle.stderr is not None
+        said = middle.stderr.read()
+        gone = f"pid {stand_in.pid}" if killed == "deepy.py" else f"pid {middle.pid}"
+        assert f"{gone}) is gone (killed?): stopping this rank" in said, said
+    finally:
+        for p in (stand_in, middle):
+            p.kill()
+            p.wait()
 
 
 @pytest.mark.slow
