@@ -18,6 +18,17 @@ the smaller sizes' copies, which matter only for the full cache) and `cache_mb` 
 cache's tensors hold. Then transformers'
 `generate` at an 8k context: per-token time = (t(8k prompt + M new) - t(8k prompt + 1)) /
 (M - 1), against our loop's per-token time at 8k on the same model (SepCache and full).
+
+`--generate`: transformers' own `model.generate(ids, past_key_values=cache)` after one
+`apply_sepllm(model)`, SepCache (the sizes above) vs transformers' DynamicCache, on a tiny
+Llama and a tiny Qwen2 built in code (4 layers, hidden 256, 4 heads, 2 key/value heads, vocab
+8192; Qwen2 with its q/k/v biases) at --gen_sizes contexts (1k / 8k / 32k). Each (family,
+cache, context) runs in its own process: the context is prefilled in chunks of 256 (the cache
+compresses after each), then `generate` continues it for --gen_new tokens; per-token latency
+is the median (and minimum) interval between consecutive new tokens, taken by a generate
+`streamer`; `mem` the process's peak RSS, `cache_mb` what the cache's tensors hold at the end.
+
+    python benchmarks/streaming.py --generate [--gen_sizes 1024 8192 32768]
 """
 
 from __future__ import annotations
@@ -166,6 +177,124 @@ def hf_generate_per_token(context: int, new: int, device: torch.device) -> float
     return (timed(new) - timed(1)) / (new - 1)
 
 
+def gen_model(family: str) -> Any:
+    """A tiny random transformers decoder of `family`, prepared with apply_sepllm (mode full:
+    its own attention; the hooks hand a streaming cache its ids)."""
+    import transformers as T
+
+    from megatron.hf.sepllm_attention import apply_sepllm
+
+    classes = {
+        "llama": (T.LlamaConfig, T.LlamaForCausalLM),
+        "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
+    }
+    config_cls, model_cls = classes[family]
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = model_cls(config).eval()
+    apply_sepllm(model)
+    return model
+
+
+class TokenClock:
+    """A generate `streamer` that records when each new token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call hands the prompt
+            self.prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def gen_one(family: str, kind: str, context: int, new: int, device: torch.device) -> dict:
+    """Prefill `context` tokens in chunks, then time `generate` continuing it."""
+    from transformers import DynamicCache
+
+    from megatron.inference.hf_cache import hf_step, streaming_cache
+
+    model = gen_model(family).to(device)
+    ids = stream_ids(context + 1, device)
+    if kind == "sep":
+        a, s, w, c = SIZES["sep"]
+        cache: Any = streaming_cache(model, "sep", a, s, w, c, separator_ids=SEPS)
+        for start, end in chunks(cache.stream, context, PREFILL_CHUNK, exact=False):
+            hf_step(model, cache, ids[:, start:end])
+    else:
+        cache = DynamicCache(config=model.config)
+        for start in range(0, context, PREFILL_CHUNK):
+            chunk = ids[:, start : min(context, start + PREFILL_CHUNK)]
+            model(input_ids=chunk, past_key_values=cache, use_cache=True)
+    clock = TokenClock()
+    model.generate(
+        ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+        streamer=clock,
+    )  # fmt: skip
+    sync(device)
+    gaps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    layers = cache.stream.layers if kind == "sep" else cache.layers
+    held = sum(lay.keys.numel() * lay.keys.element_size() * 2 for lay in layers)
+    return {
+        "family": family,
+        "cache": "SepCache" if kind == "sep" else "DynamicCache",
+        "tokens": context,
+        "ms": 1000 * statistics.median(gaps),
+        "min_ms": 1000 * min(gaps),
+        "mem_mb": peak_memory_bytes(device) / 2**20,
+        "cache_mb": held / 2**20,
+    }
+
+
+def gen_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | cache | context | ms/token (median) | min | peak mem MB | cache MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['family']} | {r['cache']} | {r['tokens']} | {r['ms']:.2f} | "
+            f"{r['min_ms']:.2f} | {r['mem_mb']:.0f} | {r['cache_mb']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    """Every (family, cache, context) in its own process (its own peak RSS)."""
+    rows: list[dict] = []
+    for family in ("llama", "qwen2"):
+        for kind in ("sep", "dynamic"):
+            for context in args.gen_sizes:
+                cmd = [sys.executable, __file__, "--gen_one", family, kind, str(context)]
+                cmd += ["--device", args.device, "--threads", str(args.threads)]
+                cmd += ["--gen_new", str(args.gen_new)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+                print(gen_table(rows[-1:]).splitlines()[-1], flush=True)
+    print(f"\n## generate: SepCache vs DynamicCache ({args.device}, torch {torch.__version__})\n")
+    print(gen_table(rows))
+    lo, hi = min(args.gen_sizes), max(args.gen_sizes)
+    for family in ("llama", "qwen2"):
+        got = {(r["cache"], r["tokens"]): r for r in rows if r["family"] == family}
+        flat = got[("SepCache", hi)]["ms"] / got[("SepCache", lo)]["ms"]
+        print(f"- {family}: SepCache ms/token {hi} / {lo} = {flat:.2f}x (target <= 1.2); ", end="")
+        speed = [
+            f"{n}: {got[('DynamicCache', n)]['ms'] / got[('SepCache', n)]['ms']:.2f}x"
+            for n in args.gen_sizes
+        ]
+        print("DynamicCache / SepCache ms/token " + ", ".join(speed))
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| world | cache | tokens | decode ms (median) | min | peak mem MB | cache MB | held |",
@@ -213,9 +342,20 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     p.add_argument("--one", nargs=2, metavar=("WORLD", "CACHE"), help=argparse.SUPPRESS)
+    p.add_argument("--generate", action="store_true", help="the model.generate comparison")
+    p.add_argument("--gen_sizes", type=int, nargs="+", default=[1024, 8192, 32768])
+    p.add_argument("--gen_new", type=int, default=33, help="new tokens per generate call")
+    p.add_argument("--gen_one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if args.gen_one:
+        family, kind, context = args.gen_one
+        print(json.dumps(gen_one(family, kind, int(context), args.gen_new, device)))
+        return
+    if args.generate:
+        run_generate(args)
+        return
     if args.one:
         print(json.dumps(run_one(*args.one, args.sizes, args.decode, device)))
         return
