@@ -24,6 +24,7 @@ COMMON = dict(
 FULL_LAYERS = ["full_attention", "full_attention"]
 FAMILIES = {
     "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
+    "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, {"rotary_pct": 0.25}),
     "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
     "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {}),
     "mistral": (T.MistralConfig, T.MistralForCausalLM, {"sliding_window": None}),
