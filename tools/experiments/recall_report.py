@@ -147,9 +147,12 @@ def plot_all(folder: Path, results: dict[str, Any]) -> list[Path]:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         for name, r in runs.items():
             steps = [c["step"] for c in r["curve"]]
-            a1.plot(steps, [c["far"]["acc"] for c in r["curve"]], "o-", label=LABELS[name])
+            color = f"C{list(LABELS).index(name)}"
+            far = [c["far"]["acc"] for c in r["curve"]]
+            a1.plot(steps, far, "o-", color=color, label=LABELS[name])
             bins = r["final"]["by_segments"]
-            a2.plot([(b["lo"] + b["hi"]) / 2 for b in bins], [b["acc"] for b in bins], "o-")
+            x = [(b["lo"] + b["hi"]) / 2 for b in bins]
+            a2.plot(x, [b["acc"] for b in bins], "o-", color=color)
         for ax in (a1, a2):
             ax.axhline(chance, color="gray", ls="--", lw=1, label="chance" if ax is a1 else None)
             ax.set_ylim(-0.02, 1.02)
@@ -173,12 +176,12 @@ def plot_all(folder: Path, results: dict[str, Any]) -> list[Path]:
             bins = s["by_segments"]
             ls = "-" if kind == "sep" else ":"
             x = [(b["lo"] + b["hi"]) / 2 for b in bins]
-            ax.plot(
-                x, [b["acc"] for b in bins], ls, marker="o", label=f"{LABELS[name]}, {CACHES[kind]}"
-            )
-        ax.axvline(
-            stream["sizes"]["sep"], color="gray", lw=1, ls="-.", label="SepCache separator slots"
-        )
+            color = f"C{list(LABELS).index(name)}"
+            label = f"{LABELS[name]}, {CACHES[kind]}"
+            ax.plot(x, [b["acc"] for b in bins], ls, color=color, marker="o", label=label)
+        ax.axvline(stream["sizes"]["sep"], color="gray", lw=1, ls="-.", label="SepCache's s")
+        if runs:
+            ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("query distance (segments)")
         ax.set_ylabel("query accuracy")
