@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from megatron.checkpoint import READ_ERRORS, add_read_args, read_options
+from megatron.common.accelerator import pin_cpu_accelerator
 from megatron.config.loader import ConfigError, build_config, merge_sources, read_yaml
 
 NEOX_KEYS = {"eval_tasks": "tasks", "eval_num_fewshot": "num_fewshot"}
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    pin_cpu_accelerator()  # DeepSpeed's CPU fallback without its "If you have GPU" warning
     try:
         main()
     except (ValueError, FileNotFoundError, ConfigError, RuntimeError, *READ_ERRORS) as e:

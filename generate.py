@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from megatron.checkpoint import READ_ERRORS, add_read_args, read_options
+from megatron.common.accelerator import pin_cpu_accelerator
 from megatron.common.files import atomic_write_text
 from megatron.config.loader import ConfigError, build_config, merge_sources, read_yaml
 from megatron.inference.loading import Streamer, check_separator_ids, load_model
@@ -246,6 +247,7 @@ def _write(args: argparse.Namespace, results: list[dict[str, str]]) -> None:
 
 
 if __name__ == "__main__":
+    pin_cpu_accelerator()  # DeepSpeed's CPU fallback without its "If you have GPU" warning
     try:
         main()
     except (ValueError, FileNotFoundError, ConfigError, *READ_ERRORS) as e:

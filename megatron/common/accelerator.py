@@ -10,6 +10,7 @@ DeepSpeed's own override, which the processes they start inherit: the same choic
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import MutableMapping
 
 # Packages through which DeepSpeed detects an accelerator other than CUDA / XPU / MPS
@@ -25,10 +26,10 @@ OTHER_ACCELERATOR_PACKAGES = (
 )
 
 
-def pin_cpu_accelerator(env: MutableMapping[str, str]) -> bool:
-    """Set DS_ACCELERATOR=cpu in `env` when DeepSpeed would pick its CPU accelerator anyway
-    (not set already, no CUDA / XPU / MPS device, no other accelerator's package).
-    Returns whether it was set."""
+def pin_cpu_accelerator(env: MutableMapping[str, str] = os.environ) -> bool:
+    """Set DS_ACCELERATOR=cpu in `env` (an entry point's own environment by default) when
+    DeepSpeed would pick its CPU accelerator anyway (not set already, no CUDA / XPU / MPS
+    device, no other accelerator's package). Returns whether it was set."""
     import torch
 
     if "DS_ACCELERATOR" in env:

@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron.common.accelerator import pin_cpu_accelerator
 from megatron.hf.configs import UnmappedOption
 from megatron.hf.folder import HFFolderRefused
 from megatron.hf.importer import import_hf
@@ -58,4 +59,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    pin_cpu_accelerator()  # DeepSpeed's CPU fallback without its "If you have GPU" warning
     sys.exit(main())

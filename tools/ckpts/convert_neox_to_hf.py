@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from megatron.checkpoint import READ_ERRORS, add_read_args, read_options
+from megatron.common.accelerator import pin_cpu_accelerator
 from megatron.hf.configs import UnmappedOption
 from megatron.hf.export import PrecisionRefused, export_checkpoint
 from megatron.hf.tokenizer import TokenizerRefused
@@ -59,4 +60,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    pin_cpu_accelerator()  # DeepSpeed's CPU fallback without its "If you have GPU" warning
     sys.exit(main())

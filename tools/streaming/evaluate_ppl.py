@@ -22,6 +22,7 @@ import sys
 import torch
 
 from megatron.checkpoint import add_read_args, read_options
+from megatron.common.accelerator import pin_cpu_accelerator
 from megatron.inference.loading import Streamer, check_separator_ids, load_model
 from megatron.inference.options import (
     ORIGINAL_DEFAULTS,
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    pin_cpu_accelerator()  # DeepSpeed's CPU fallback without its "If you have GPU" warning
     try:
         main()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
