@@ -44,3 +44,15 @@ def test_dry_run_notices_a_missing_pdsh(
         assert deepy.main([*NEOX, *sets]) == 0
     assert "--launcher pdsh" in capsys.readouterr().out
     assert "a real launch from this host would fail: pdsh not found on PATH" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "files",
+    [["neox_pythia.yml", "neox_setup.yml"], ["neox_llama.yml"], ["sepllm_n64.yml"]],
+)
+def test_every_compat_config_passes_dry_run(
+    files: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    data = [] if files != ["sepllm_n64.yml"] else ["--set", "data_path=compat_data/x"]
+    assert deepy.main(["train.py", "-d", str(HERE), *files, *data, "--dry-run"]) == 0
+    assert "train.py --config-file '<config-file>'" in capsys.readouterr().out
