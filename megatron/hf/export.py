@@ -12,6 +12,7 @@ attention, so the folder loads anywhere.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +142,10 @@ def export_checkpoint(
     merge_file: str | None = None,
     skip_tokenizer: bool = False,
     options: ReadOptions = ReadOptions(),  # noqa: B008  (frozen)
-) -> str:
-    """Write the transformers folder; returns a one-line description of what was done."""
+    report: Callable[[str], None] = print,
+) -> Path:
+    """Write the transformers folder; returns it (`report` gets one line saying what was
+    read and written)."""
     from megatron.data.tokenizers import build_tokenizer
 
     out = Path(output_dir)
@@ -162,4 +165,5 @@ def export_checkpoint(
     with atomic_dir(out) as tmp:
         ids: dict[str, int | None] = {} if skip_tokenizer else write_tokenizer(data, tmp)
         write_hf_folder(tmp, state, m, ck.cfg.sepllm, precision, ids)
-    return f"{ck.step_dir} ({ck.source}) -> {out} [{family(m)}, {precision}]"
+    report(f"{ck.step_dir} ({ck.source}) -> {out} [{family(m)}, {precision}]")
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from megatron.checkpoint import READ_ERRORS, add_read_args, read_options
 from megatron.common.accelerator import pin_cpu_accelerator
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def convert(args: argparse.Namespace) -> str:
+def convert(args: argparse.Namespace) -> Path:
     return export_checkpoint(
         args.input_dir,
         args.output_dir,
@@ -52,7 +53,7 @@ def convert(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        print(convert(parse_args(argv)))
+        convert(parse_args(argv))
     except (*REFUSALS, FileExistsError, FileNotFoundError) as e:
         print(f"convert_neox_to_hf: refused: {e}", file=sys.stderr)
         return 2
