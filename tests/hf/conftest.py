@@ -11,7 +11,7 @@ from megatron.data.tokenizers import tokenizer_for_file
 from megatron.sepllm.separators import separator_ids
 from tests.conftest import ROOT, run_cli, write_config
 
-# The converter's modules sit beside its CLI scripts (run as `python tools/ckpts/...`).
+# The tests call the conversion CLIs (tools/ckpts/*.py, thin over megatron/hf) by their main.
 sys.path.insert(0, str(ROOT / "tools" / "ckpts"))
 
 # Pythia-style tiny model: partial rotary, parallel residual, tied head; SepLLM attention
