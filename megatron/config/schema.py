@@ -95,6 +95,11 @@ class ModelConfig:
     norm: NormKind = _f("layernorm", "layernorm (NeoX) or rmsnorm (Llama).")
     layernorm_epsilon: float = _f(1e-5, "Epsilon of LayerNorm / RMSNorm.", gt=0)
     use_bias_in_attn_linear: bool = _f(True, "Biases in the attention projections.")
+    use_bias_in_qkv: bool | None = _f(
+        None,
+        "Biases in the q/k/v projections (None: use_bias_in_attn_linear); true with "
+        "use_bias_in_attn_linear false is Qwen2's layout.",
+    )
     use_bias_in_mlp: bool = _f(True, "Biases in the MLP projections.")
     use_bias_in_norms: bool = _f(True, "Bias in LayerNorm (ignored by RMSNorm).")
     attention_dropout: float = _f(
@@ -121,6 +126,11 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        explicit = self.use_bias_in_qkv
+        return self.use_bias_in_attn_linear if explicit is None else explicit
 
     @property
     def head_dim(self) -> int:

@@ -1,4 +1,5 @@
-"""Architecture configs both ways: our `ModelConfig` <-> a transformers GPT-NeoX / Llama config.
+"""Architecture configs both ways: our `ModelConfig` <-> a transformers GPT-NeoX / Llama config
+(and Qwen2 = Llama with q/k/v biases; Mistral without sliding window reads as Llama).
 
 Both directions are exact or refuse: an option the other side cannot express raises
 `UnmappedOption` naming it, because a config that loads strictly but describes another
@@ -18,7 +19,16 @@ class UnmappedOption(ValueError):
 
 
 def family(m: ModelConfig) -> str:
+    """Key-name family: 'llama' (Llama, Qwen2, Mistral names) or 'neox'."""
     return "llama" if (m.norm == "rmsnorm" and m.activation == "swiglu") else "neox"
+
+
+def hf_model_type(m: ModelConfig) -> str:
+    """The transformers model_type that expresses `m`: qwen2 for biased q/k/v without an
+    output bias (Qwen2's layout), else llama / gpt_neox."""
+    if family(m) == "neox":
+        return "gpt_neox"
+    return "qwen2" if m.qkv_bias and not m.use_bias_in_attn_linear else "llama"
 
 
 def unmapped_options(m: ModelConfig) -> list[str]:
@@ -43,7 +53,13 @@ def unmapped_options(m: ModelConfig) -> list[str]:
             why.append("use_bias_in_mlp: false (GPT-NeoX's MLP always has biases)")
         if not m.use_bias_in_norms:
             why.append("use_bias_in_norms: false (GPT-NeoX's LayerNorms always have biases)")
+        if m.qkv_bias != m.use_bias_in_attn_linear:
+            why.append("use_bias_in_qkv != use_bias_in_attn_linear (GPT-NeoX biases all or none)")
     else:
+        if m.use_bias_in_attn_linear and not m.qkv_bias:
+            why.append("use_bias_in_qkv: false with an output bias (no transformers family)")
+        if hf_model_type(m) == "qwen2" and m.use_bias_in_mlp:
+            why.append("use_bias_in_mlp: true with Qwen2's q/k/v-only biases (Qwen2 has none)")
         if m.rotary_pct != 1.0:
             why.append(f"rotary_pct: {m.rotary_pct} (Llama rotates the whole head)")
         if m.gpt_j_residual:
@@ -59,7 +75,7 @@ def check_exportable(m: ModelConfig) -> None:
 
 def hf_config(m: ModelConfig, vocab_size: int) -> Any:
     """A transformers config describing the same architecture (refuses what it cannot)."""
-    from transformers import GPTNeoXConfig, LlamaConfig  # deferred: heavy, export-only import
+    from transformers import GPTNeoXConfig, LlamaConfig, Qwen2Config  # deferred: heavy
 
     check_exportable(m)
     common = dict(
@@ -85,6 +101,15 @@ def hf_config(m: ModelConfig, vocab_size: int) -> Any:
                 "rope_theta": m.rotary_emb_base,
                 "partial_rotary_factor": m.rotary_pct,
             },
+        )
+    if hf_model_type(m) == "qwen2":
+        return Qwen2Config(
+            **common,
+            hidden_act="silu",
+            num_key_value_heads=m.kv_heads,
+            rms_norm_eps=m.layernorm_epsilon,
+            use_sliding_window=False,
+            rope_parameters={"rope_type": "default", "rope_theta": m.rotary_emb_base},
         )
     return LlamaConfig(
         **common,
@@ -149,17 +174,35 @@ def _llama_fields(c: Any) -> dict[str, Any]:
     )
 
 
+def _llama_like_fields(c: Any, kind: str) -> dict[str, Any]:
+    """Llama, and the families that are Llama with a twist our model expresses: Qwen2
+    (q/k/v biases, no output or MLP bias) and Mistral (without sliding window)."""
+    window = getattr(c, "sliding_window", None)
+    if kind == "mistral" and window is not None:
+        raise UnmappedOption(f"sliding_window: {window} (our attention has no sliding window)")
+    if kind == "qwen2" and getattr(c, "use_sliding_window", False):
+        raise UnmappedOption("use_sliding_window: true (our attention has no sliding window)")
+    fields = _llama_fields(c)
+    if kind == "qwen2":
+        fields.update(use_bias_in_qkv=True, use_bias_in_attn_linear=False, use_bias_in_mlp=False)
+    return fields
+
+
+MAPPED = ("gpt_neox", "llama", "qwen2", "mistral")
+
+
 def config_from_hf(c: Any, seq_length: int | None = None) -> ModelConfig:
-    """A transformers GPTNeoXConfig / LlamaConfig -> the ModelConfig of the same model.
+    """A transformers GPT-NeoX / Llama / Qwen2 / Mistral config -> the ModelConfig of the
+    same model.
 
     `seq_length` (the training length) defaults to max_position_embeddings."""
     kind = getattr(c, "model_type", None)
-    if kind not in ("gpt_neox", "llama"):
-        raise UnmappedOption(f"model_type: {kind} (GPT-NeoX and Llama are mapped)")
-    fields = _neox_fields(c) if kind == "gpt_neox" else _llama_fields(c)
+    if kind not in MAPPED:
+        raise UnmappedOption(f"model_type: {kind} (mapped: {', '.join(MAPPED)})")
+    fields = _neox_fields(c) if kind == "gpt_neox" else _llama_like_fields(c, kind)
     fields.update(_rope(c))
-    if kind == "llama" and fields["rotary_pct"] != 1.0:
-        raise UnmappedOption(f"partial_rotary_factor: {fields['rotary_pct']} on Llama")
+    if kind != "gpt_neox" and fields["rotary_pct"] != 1.0:
+        raise UnmappedOption(f"partial_rotary_factor: {fields['rotary_pct']} on {kind}")
     mpe = int(c.max_position_embeddings)
     fields.update(
         num_layers=int(c.num_hidden_layers),

@@ -25,6 +25,7 @@ class SelfAttention(nn.Module):
         attention_dropout: float,
         tp: TensorParallel = SINGLE,
         rope_fusion: bool = False,
+        qkv_bias: bool | None = None,  # None: `bias` (Qwen2: q/k/v biased, output not)
     ) -> None:
         super().__init__()
         # Tensor parallelism splits whole heads (query and key/value heads alike).
@@ -33,7 +34,8 @@ class SelfAttention(nn.Module):
         # One fused projection laid out as [q (H*D) | k (Hkv*D) | v (Hkv*D)] (this rank's heads);
         # its layout knows the parts, so sharding and export split q, k and v separately.
         parts = (heads * self.head_dim, kv_heads * self.head_dim, kv_heads * self.head_dim)
-        self.qkv = ColumnParallelLinear(hidden, sum(parts), bias, tp, parts=parts)
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        self.qkv = ColumnParallelLinear(hidden, sum(parts), qkv_bias, tp, parts=parts)
         self.dense = RowParallelLinear(heads * self.head_dim, hidden, bias, tp)
         self.attention_dropout = attention_dropout
         self.rope_fusion = rope_fusion  # config `rope_fusion`: rotary through the fused dispatch

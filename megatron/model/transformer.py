@@ -91,6 +91,7 @@ class Block(nn.Module):
             m.attention_dropout,
             tp,
             rope_fusion=m.rope_fusion,
+            qkv_bias=m.qkv_bias,
         )
         self.ln2 = build_norm(m.norm, m.hidden_size, eps, nb, *fuse)
         self.mlp = build_mlp(m.activation, m.hidden_size, m.ffn_size, m.use_bias_in_mlp, tp)
