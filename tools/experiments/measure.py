@@ -113,14 +113,11 @@ def hf_nll(folder: Path, windows: torch.Tensor, sepllm: dict[str, Any] | None) -
     runs, as docs/hf.md loads them; `sepllm` given = training-free apply_sepllm)."""
     from transformers import AutoModelForCausalLM
 
-    import megatron.hf.sepllm_attention as sa  # registers attn_implementation="sepllm"
+    import megatron.hf.sepllm_attention as sa
 
-    cfg = json.loads((folder / "config.json").read_text())
-    sparse = isinstance(cfg.get("sepllm"), dict) and cfg["sepllm"].get("mode", "full") != "full"
-    kw = {"attn_implementation": "sepllm"} if sparse else {}
-    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kw).eval()
-    if sepllm is not None:
-        sa.apply_sepllm(model, **sepllm)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
+    # training-free when `sepllm` is given, else the folder's sepllm entry (if any)
+    sa.apply_sepllm(model, **(sepllm or {}))
     return mean_nll(lambda ids: model(input_ids=ids).logits, windows)
 
 
