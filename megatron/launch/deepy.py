@@ -238,7 +238,7 @@ def execute(plan: LaunchPlan) -> int:
             if plan.program == "srun":
                 code = subprocess.call(argv)
             else:
-                code = _run_deepspeed(argv)
+                code = _run_deepspeed(argv, quiet=not plan.remote)
         os.environ.pop(ERRORS_ENV, None)
         os.environ.pop(LAUNCHER_ENV, None)
         if code and not received:
@@ -261,13 +261,29 @@ def report_rank_errors(directory: str, code: int) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-def _run_deepspeed(argv: list[str]) -> int:
-    from deepspeed.launcher.runner import main as ds_main
+class _NoHostfileNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unable to find hostfile")
 
+
+def _run_deepspeed(argv: list[str], quiet: bool) -> int:
+    """quiet (ranks on this host only): the runner's and its launcher's INFO bookkeeping
+    (world info, the spawned command, CUDA_VISIBLE_DEVICES) and the runner's warning that a
+    one-node run has no hostfile repeat what deepy.py printed; errors still show. Over other
+    hosts, their `cmd = ...` line is worth keeping."""
+    from deepspeed.launcher.runner import main as ds_main
+    from deepspeed.utils import logger as ds_logger
+
+    note = _NoHostfileNote()
+    if quiet:
+        argv = ["--log_level=warning", *argv]
+        ds_logger.addFilter(note)
     try:
         ds_main(argv)
     except SystemExit as exc:  # the runner exits with the failed rank's code
         return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        ds_logger.removeFilter(note)
     return 0
 
 
