@@ -48,13 +48,23 @@ def test_mistyped_data_path_with_prepare_data_writes_nothing(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("kind", ["fp16", "bf16"])
-def test_neox_precision_sub_keys_are_refused_by_name(kind: str) -> None:
+def test_neox_precision_block_goes_to_deepspeed_and_typos_are_refused(kind: str) -> None:
+    """NeoX hands its fp16 / bf16 block to DeepSpeed (issue 26): the loss-scale entries
+    become DeepSpeed's fp16 block; a misspelt entry is refused by name, never dropped."""
     block = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "hysteresis": 2}
-    with pytest.raises(ConfigError) as err:
-        build_config(merge_sources([("neox.yml", {**MINIMAL_CONFIG, kind: block})]))
-    msg = str(err.value)
-    assert f"NeoX {kind} sub-keys hysteresis, initial_scale_power, loss_scale" in msg
-    assert "deepspeed_extra" in msg
+    cfg = build_config(merge_sources([("neox.yml", {**MINIMAL_CONFIG, kind: block})]))
+    if kind == "fp16":
+        assert cfg.training.precision == "fp16"
+        assert cfg.training.fp16_settings == {
+            "loss_scale": 0,
+            "initial_scale_power": 12,
+            "hysteresis": 2,
+        }
+    else:
+        assert cfg.training.precision == "bfloat16"  # no loss scaling in bf16
+    typo = {**block, "loss_scael": 0}
+    with pytest.raises(ConfigError, match=r"unknown entries \['loss_scael'\]"):
+        build_config(merge_sources([("neox.yml", {**MINIMAL_CONFIG, kind: typo})]))
 
 
 def test_plain_precision_flag_still_maps() -> None:
