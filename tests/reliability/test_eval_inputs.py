@@ -97,3 +97,11 @@ def test_short_text_is_an_error_and_a_short_budget_is_said(tmp_path: Path, capsy
     summary = evaluate_ppl.main([*argv, "--dataset_name", str(short), "--num_eval_tokens", "100"])
     assert summary["num_tokens"] == 12
     assert f"--num_eval_tokens 100 but {short} holds only 12 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--num_samples", "--chunk_size", "--num_eval_tokens"])
+def test_zero_counts_are_refused_by_name(tmp_path: Path, capsys, flag: str) -> None:
+    argv = ["--model_name_or_path", str(tmp_path / "no_model"), "--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        evaluate_ppl.main([*argv, flag, "0"])
+    assert exc.value.code == 2 and flag in capsys.readouterr().err
