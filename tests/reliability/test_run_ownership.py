@@ -151,6 +151,7 @@ def test_kill_9_of_deepy_stops_the_launcher_and_the_ranks(tmp_path: Path, shakes
     assert not alive, f"still running after kill -9 of deepy.py: {[p.cmdline() for p in alive]}"
     assert time.monotonic() - t0 < 60
     out = "".join(lines) + (proc.stdout.read() if proc.stdout else "")
+    assert "fresh start: `load` is not set" in out  # said by the real run, not only the helper
     tag = (save / "latest").read_text().strip()
     assert (save / tag / COMPLETE).is_file(), out[-3000:]  # latest names a complete one
     assert (save / preflight.RUN_LOCK).read_text() == ""  # released: a restart may run
