@@ -95,7 +95,8 @@ def test_hf_to_ours_to_hf_by_the_documented_commands(name: str, tmp_path: Path) 
     text.write_text(STREAM)
     evaluate_ppl = _module("evaluate_ppl_25", "tools/streaming/evaluate_ppl.py")
     argv = ["--model_name_or_path", str(tmp_path / "ours"), "--dataset_name", str(text)]
-    full = ["--enable_kv_cache_manager", "False", "--output_dir", str(tmp_path / "ppl")]
+    full = ["--enable_kv_cache_manager", "False", "--enable_SepLLM", "False"]
+    full += ["--output_dir", str(tmp_path / "ppl")]
     summary = evaluate_ppl.main([*argv, *full])
     assert summary["ppl"] == pytest.approx(_hf_ppl(hf_in, STREAM), rel=1e-5)
 

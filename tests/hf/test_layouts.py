@@ -84,7 +84,8 @@ def _tool_outputs(ckpt: Path, tokenizer: str, tmp: Path) -> tuple[torch.Tensor, 
         logits = load_model(str(ckpt)).model(ids)
     (tmp / "text.txt").write_text(TEXT)
     argv = ["--model_name_or_path", str(ckpt), "--dataset_name", str(tmp / "text.txt")]
-    full = ["--enable_kv_cache_manager", "False", "--output_dir", str(tmp / "ppl")]
+    full = ["--enable_kv_cache_manager", "False", "--enable_SepLLM", "False"]
+    full += ["--output_dir", str(tmp / "ppl")]
     return logits, evaluate_ppl.main([*argv, *full])["ppl"]
 
 
