@@ -102,6 +102,7 @@ def add_cache_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> 
             help=f"{meaning} (default {d[name]})",
         )
     p.add_argument("--grow_sep_cache", action="store_true", help="SepCache grow variant")
+    p.set_defaults(cache_defaults=d)  # cache_kind tells a chosen switch from a default one
     p.add_argument(
         "--separator_token_ids",
         type=id_list,
@@ -118,7 +119,13 @@ def cache_kind(args: argparse.Namespace) -> str:
             "like the original, has --enable_SepLLM True by default: add --enable_SepLLM False)"
         )
     if not args.enable_kv_cache_manager:
-        chosen = [f for f in ("SepLLM", "StreamingLLM") if getattr(args, f"enable_{f}")]
+        # Only a switch the user turned on: evaluate_ppl.py's SepLLM is on by default.
+        defaults = getattr(args, "cache_defaults", {})
+        chosen = [
+            f
+            for f in ("SepLLM", "StreamingLLM")
+            if getattr(args, f"enable_{f}") and not defaults.get(f"enable_{f}")
+        ]
         if chosen:  # the original's rule, said once instead of silently
             warnings.warn(
                 f"--enable_{chosen[0]} takes effect only with --enable_kv_cache_manager: this "
