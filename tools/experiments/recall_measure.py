@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from megatron.data.recall import Query, RecallSequence, RecallSpec, generate_many
+from megatron.data.recall import SEP, Query, RecallSequence, RecallSpec, generate_many
 from megatron.inference.caches import make_policies
 from megatron.inference.decode import chunks
 from megatron.inference.loading import Streamer, load_model
@@ -167,7 +167,9 @@ def stream_one(
 ) -> list[dict[str, Any]]:
     """All sequences as one batch through one cache kind; one record per query."""
     policies = make_policies(kind, streamer.num_layers, **sizes)
-    cache = streamer.new_cache(policies, streamer.default_separator_ids, True)
+    # The data's SEP for every model: a full-attention checkpoint names no separators, and
+    # its tokenizer's defaults (punctuation bytes) never occur in this data.
+    cache = streamer.new_cache(policies, [SEP], True)
     stream = streamer.stream_of(cache)
     ids = torch.from_numpy(np.stack([s.tokens for s in seqs]))  # [B, N]
     by_pos = [{q.answer_pos: q for q in s.queries} for s in seqs]
