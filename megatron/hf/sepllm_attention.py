@@ -153,10 +153,12 @@ class SepLLM:
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            raise ValueError("SepLLM needs input_ids (inputs_embeds carry no token ids)")
         cache = kwargs.get("past_key_values")
         stream = getattr(cache, "stream", None)
+        if stream is None and self.rule.sep.mode == "full":
+            return args, kwargs  # the model's own attention over its own cache
+        if ids is None:
+            raise ValueError("SepLLM needs input_ids (inputs_embeds carry no token ids)")
         kept = None
         if stream is not None:  # one of our streaming caches
             mask = kwargs.get("attention_mask")
