@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron.config.loader import ConfigError
 from megatron.config.schema import Config
 from megatron.config.validate import finalize
 from megatron.data.builder import build_train_valid_test_datasets
@@ -40,6 +41,12 @@ def build_run(
     raw_configs: dict[str, str] | None = None,
 ) -> Run:
     """Everything a rank needs to train `cfg` (the process group must exist already)."""
+    if cfg.training.precision == "fp16" and device.type != "cuda":
+        # Before any work, one line (NeoX's `fp16:` block sets precision fp16).
+        raise ConfigError(
+            f"precision fp16 needs a GPU (this rank runs on {device.type}): add --set "
+            "precision=fp32 (or bfloat16)"
+        )
     tokenizer = build_tokenizer(cfg.data)
     finalize(cfg, world, tokenizer.vocab_size)
     if rank == 0:

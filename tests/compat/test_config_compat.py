@@ -55,6 +55,14 @@ def test_neox_pythia_config_maps_its_keys() -> None:
     }
 
 
+def test_fp16_block_on_cpu_is_refused_before_any_work() -> None:
+    from megatron.training.run import build_run
+
+    cfg = load(PYTHIA)  # its data files do not exist: the refusal comes before reading them
+    with pytest.raises(ConfigError, match="precision fp16 needs a GPU .* --set precision=fp32"):
+        build_run(cfg, 0, 1, torch.device("cpu"))
+
+
 def test_noop_keys_say_why_once_each(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO):
         load(PYTHIA)
