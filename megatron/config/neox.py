@@ -65,7 +65,9 @@ def _precision_block(name: str) -> Alias:
             return {"precision": "fp16" if name == "fp16" else "bfloat16"} if value else {}
         block = {str(k): v for k, v in value.items()}
         block.pop(name, None)  # NeoX's redundant `fp16: {fp16: true, ...}`
-        enabled = bool(block.pop("enabled", False))
+        enabled = block.pop("enabled", False)
+        if not isinstance(enabled, bool):  # a quoted "false" would be truthy
+            raise ValueError(f"{name}.enabled must be true or false, got {enabled!r}")
         kind = str(block.pop("type", "fp16" if name == "fp16" else "bfloat16")).lower()
         kinds = {"fp16": "fp16", "float16": "fp16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
         if kind not in kinds:

@@ -137,6 +137,7 @@ def test_unbuilt_features_are_refused_by_name(key: str, value: Any, feature: str
         ("checkpoint_validation_with_forward_pass", True, "not built"),
         ("bias_gelu_fusion", "yes", "true or false"),
         ("fp16", {"enabled": True, "loss_scael": 0}, "loss_scael"),
+        ("fp16", {"enabled": "false"}, "fp16.enabled must be true or false"),
         ("attention_config", [[["flash"], "two"]], "integers or 'all'"),
         ("bias_gelu_fusoin", True, "did you mean 'bias_gelu_fusion'"),
         ("RECOMPILE_SEP_ATTN_KERNEL", "no", "true or false"),
