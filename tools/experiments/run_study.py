@@ -34,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent), str(ROOT / "tools" / "plots")]
 
+from megatron.checkpoint import layout  # noqa: E402
 from megatron.common.files import atomic_write_text  # noqa: E402
 
 LMEVAL_TASK = "shakespeare_lambada"
@@ -101,11 +102,11 @@ def train_iters(args: argparse.Namespace) -> int:
 
 def finished(save: Path, iters: int) -> bool:
     """Done = `latest` names global_step<train_iters> and that directory is COMPLETE."""
-    latest = save / "latest"
+    latest = save / layout.LATEST
     if not latest.is_file():
         return False
     tag = latest.read_text().strip()
-    return tag == f"global_step{iters}" and (save / tag / "COMPLETE").is_file()
+    return tag == layout.tag_for(iters) and (save / tag / layout.COMPLETE).is_file()
 
 
 def train_command(args: argparse.Namespace, name: str) -> list[str]:
