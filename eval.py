@@ -21,6 +21,7 @@ task YAML directories of your own.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -35,6 +36,7 @@ NEOX_KEYS = {"eval_tasks": "tasks", "eval_num_fewshot": "num_fewshot"}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("configs", nargs="*", help="NeoX style: model config YAMLs (their `load`)")
+    p.add_argument("-d", "--conf_dir", default="", help="directory the YAML names are in")
     p.add_argument("--model_name_or_path", default=None, help="our checkpoint or an HF folder")
     p.add_argument("--model", default=None, help="lm-eval model name (sepneox, hf, ...)")
     p.add_argument("--model_args", default=None, help="lm-eval model_args, k=v,k=v")
@@ -72,7 +74,7 @@ def settings(argv: list[str] | None) -> argparse.Namespace:
     from megatron.eval.harness import local_task_names, model_spec, parse_model_args
 
     args = parse_args(argv)
-    evals, ckpt = _yaml_settings(args.configs)
+    evals, ckpt = _yaml_settings([os.path.join(args.conf_dir, c) for c in args.configs])
     for key, value in evals.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

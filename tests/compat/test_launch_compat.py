@@ -56,3 +56,19 @@ def test_every_compat_config_passes_dry_run(
     data = [] if files != ["sepllm_n64.yml"] else ["--set", "data_path=compat_data/x"]
     assert deepy.main(["train.py", "-d", str(HERE), *files, *data, "--dry-run"]) == 0
     assert "train.py --config-file '<config-file>'" in capsys.readouterr().out
+
+
+def test_eval_takes_neox_conf_dir(tmp_path: Path) -> None:
+    """`python deepy.py eval.py -d configs model.yml --eval_tasks ...` (NeoX's README form):
+    deepy.py hands eval.py its arguments, and eval.py reads the names under -d."""
+    import importlib.util
+
+    from tests.inference.fixtures import write_checkpoint
+
+    spec = importlib.util.spec_from_file_location("eval_cli", HERE.parents[1] / "eval.py")
+    eval_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_cli)
+    ckpt = write_checkpoint(tmp_path / "ours")
+    (tmp_path / "model.yml").write_text(f"load: {ckpt}\n")
+    argv = ["-d", str(tmp_path), "model.yml", "--eval_tasks", "shakespeare_lambada"]
+    assert str(ckpt) in str(vars(eval_cli.settings(argv)))
