@@ -124,6 +124,15 @@ def _truncate(ckpt: Path) -> None:
     _weights(ckpt).write_bytes(data[: len(data) // 2])
 
 
+def _unknown_key(ckpt: Path) -> None:
+    """A config.yml key no version of ours writes (a typo), checksums rewritten to match:
+    refused by the strict parse instead of silently dropped."""
+    step = ckpt / "global_step1"
+    config = step / "config.yml"
+    config.write_text(config.read_text().replace("model:\n", "model:\n  hiden_size: 64\n", 1))
+    write_complete(step, COMPLETE, 1)
+
+
 def _unmark(ckpt: Path) -> None:
     (ckpt / "global_step1" / COMPLETE).unlink()
 
@@ -137,6 +146,7 @@ CASES = {
     ),  # fmt: skip
     "missing_file": (lambda c: _weights(c).unlink(), ChecksumError, "is missing"),
     "truncated": (_truncate, ChecksumError, "truncated"),
+    "unknown_config_key": (_unknown_key, CheckpointRefused, "config.yml.*hiden_size"),
 }
 
 
