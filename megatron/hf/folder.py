@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from megatron.checkpoint.safe_load import load_file
+from megatron.checkpoint.safe_load import CheckpointLoadError, load_file
 
 Tensor = torch.Tensor
 SAFETENSORS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -69,7 +69,10 @@ def _read_file(file: Path) -> dict[str, Tensor]:
             return load_safetensors(str(file))
         except (SafetensorError, OSError) as exc:
             raise HFFolderRefused(f"{file} cannot be read (corrupted or truncated): {exc}") from exc
-    return load_file(file, map_location="cpu")
+    try:
+        return load_file(file, map_location="cpu")
+    except CheckpointLoadError as exc:  # code in the pickle, or a damaged file: named
+        raise HFFolderRefused(str(exc)) from exc
 
 
 def read_weights(folder: Path) -> dict[str, Tensor]:

@@ -169,3 +169,24 @@ def test_skip_tokenizer_imports_the_weights_and_says_so(folder: Path, tmp_path: 
     assert ck.tokenizer() is None
     want = load_file(str(folder / WEIGHTS))
     assert torch.equal(ck.state_dict()["embedding.embed.weight"], want["model.embed_tokens.weight"])
+
+
+class Payload:
+    """Unpickling this creates `marker` (harmless stand-in for os.system)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_weights_are_read_weights_only(folder: Path, tmp_path: Path) -> None:
+    """A pytorch_model.bin holding a code-running object is refused; the object never runs."""
+    marker = tmp_path / "payload_ran"
+    state = load_file(str(folder / WEIGHTS))
+    (folder / WEIGHTS).unlink()
+    torch.save({**state, "extra": Payload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(HFFolderRefused, match="refused to load checkpoint file .*pytorch_model"):
+        import_hf(folder, tmp_path / "ours")
+    assert not marker.exists() and not (tmp_path / "ours").exists()
