@@ -13,7 +13,9 @@ from megatron.config.schema import SepLLMConfig
 from megatron.hf.adapters import from_hf, to_hf
 from megatron.hf.configs import UnmappedOption, config_from_hf, hf_config
 from megatron.hf.sepllm_attention import apply_sepllm
+from megatron.inference.hf_cache import hf_step, streaming_cache
 from megatron.model.transformer import GPTModel
+from tests.inference.reference import reference_decode, simulate_policy
 
 VOCAB = 96
 COMMON = dict(
@@ -77,6 +79,28 @@ def test_qwen2_fine_tuned_with_sepllm_exports_its_kept_rule() -> None:
         got, want = exported(x).logits, ours(x)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
         assert (got - theirs(x).logits).abs().max() > 1e-3  # the kept rule acts
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("kind", ["sep", "sink"])
+def test_streaming_with_eviction_equals_reference(family: str, kind: str) -> None:
+    """The converted twin gives these families the independent eviction reference of
+    tests/inference/reference.py (raw keys re-rotated afresh at every step)."""
+    a, s, w, c = 2, 3, 4, 12
+    theirs = tiny(family)
+    m = config_from_hf(theirs.config)
+    ours = GPTModel(m, SepLLMConfig(), VOCAB).eval()
+    ours.load_state_dict(from_hf(theirs.state_dict(), m))
+    apply_sepllm(theirs)  # the model's own attention; the hooks hand the cache its ids
+    x = ids()[0, :]
+    x = torch.cat([x, x.flip(0)])  # 48 tokens
+    x[::4] = 5
+    cache = streaming_cache(theirs, kind, a, s, w, c, separator_ids=[5])
+    got = torch.cat([hf_step(theirs, cache, x[None, t : t + 1]) for t in range(len(x))], 1)[0]
+    held = simulate_policy(x.tolist(), kind, a, s, w, c, {5})
+    torch.testing.assert_close(
+        got, reference_decode(ours, x.tolist(), held, True), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize(
