@@ -23,6 +23,13 @@ def family(m: ModelConfig) -> str:
     return "llama" if (m.norm == "rmsnorm" and m.activation == "swiglu") else "neox"
 
 
+HF_ARCHITECTURES = {
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
 def hf_model_type(m: ModelConfig) -> str:
     """The transformers model_type that expresses `m`: qwen2 for biased q/k/v without an
     output bias (Qwen2's layout), else llama / gpt_neox."""

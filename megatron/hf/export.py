@@ -22,7 +22,14 @@ from megatron.checkpoint import ReadOptions, open_checkpoint
 from megatron.common.files import atomic_dir, refuse_existing
 from megatron.config.schema import Config, ModelConfig, SepLLMConfig
 from megatron.hf.adapters import to_hf
-from megatron.hf.configs import UnmappedOption, check_exportable, family, hf_config
+from megatron.hf.configs import (
+    HF_ARCHITECTURES,
+    UnmappedOption,
+    check_exportable,
+    family,
+    hf_config,
+    hf_model_type,
+)
 from megatron.hf.tokenizer import TokenizerRefused, write_tokenizer
 from megatron.sepllm.kernels.sa_softmax import SA_KERNELS
 
@@ -109,7 +116,7 @@ def write_hf_folder(
     hf_state = cast_state(to_hf(state, m), precision)
     if cfg.tie_word_embeddings:
         hf_state.pop("lm_head.weight")  # safetensors refuses shared storage; tied on load
-    cfg.architectures = ["LlamaForCausalLM" if family(m) == "llama" else "GPTNeoXForCausalLM"]
+    cfg.architectures = [HF_ARCHITECTURES[hf_model_type(m)]]
     cfg.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
     for key, value in special_ids.items():
         setattr(cfg, key, value)
