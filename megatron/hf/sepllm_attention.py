@@ -232,7 +232,9 @@ def sepllm_attention(
     name = kernel_name(
         call.rule.sep, kept, q_len, kv_len, window, d, dropout, device_type=query.device.type
     )
-    out = get_kernel(name)(query, key, value, window=window, kept=kept, dropout_p=dropout)
+    out = get_kernel(name, call.rule.sep)(
+        query, key, value, window=window, kept=kept, dropout_p=dropout
+    )
     return out.transpose(1, 2).contiguous(), None  # [B, Sq, H, D], as transformers expects
 
 
