@@ -13,6 +13,8 @@ from megatron.config.schema import SepLLMConfig
 from megatron.hf.adapters import from_hf, to_hf
 from megatron.hf.configs import UnmappedOption, config_from_hf, hf_config
 from megatron.hf.sepllm_attention import apply_sepllm
+from megatron.inference.caches import StreamCache, make_policies
+from megatron.inference.decode import forward_step, model_rotary
 from megatron.inference.hf_cache import hf_step, streaming_cache
 from megatron.model.transformer import GPTModel
 from tests.inference.reference import reference_decode, simulate_policy
@@ -101,6 +103,28 @@ def test_streaming_with_eviction_equals_reference(family: str, kind: str) -> Non
     torch.testing.assert_close(
         got, reference_decode(ours, x.tolist(), held, True), atol=1e-4, rtol=0
     )
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sepllm_rule_with_eviction_equals_our_decode(family: str) -> None:
+    """Training-free SepLLM on the transformers model and on its converted twin, each
+    streaming through a SepCache that evicts: the same logits step by step."""
+    seps = [5]
+    sep = SepLLMConfig(mode="sepllm", separator_token_ids=seps, init_tokens=2, local_window=5)
+    theirs = tiny(family)
+    m = config_from_hf(theirs.config)
+    ours = GPTModel(m, sep, VOCAB).eval()
+    ours.load_state_dict(from_hf(theirs.state_dict(), m))
+    apply_sepllm(theirs, seps, init_tokens=2, local_window=5)
+    x = ids()
+    x[:, ::4] = 5
+    policies = make_policies("sep", m.num_layers, 2, 3, 6, 12)
+    mine = StreamCache(policies, seps, True, model_rotary(ours))
+    want = torch.cat([forward_step(ours, mine, x[:, t : t + 1]) for t in range(24)], 1)
+    cache = streaming_cache(theirs, "sep", 2, 3, 6, 12)  # separators: the sepllm entry's
+    got = torch.cat([hf_step(theirs, cache, x[:, t : t + 1]) for t in range(24)], 1)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert max(cache.stream.summary()["peak_length"]) <= 12 < 24
 
 
 @pytest.mark.parametrize(
