@@ -134,63 +134,78 @@ def markdown(results: dict[str, Any], pngs: list[Path]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _color(name: str) -> str:
+    return f"C{list(LABELS).index(name)}"  # one colour per model in every plot
+
+
+def plot_heldout(path: Path, runs: dict[str, Any]) -> Path:
+    """Far accuracy vs training step, and accuracy vs distance at the last checkpoint."""
+    import matplotlib.pyplot as plt
+
+    chance = next(iter(runs.values()))["chance_acc"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in runs.items():
+        steps = [c["step"] for c in r["curve"]]
+        far = [c["far"]["acc"] for c in r["curve"]]
+        a1.plot(steps, far, "o-", color=_color(name), label=LABELS[name])
+        bins = r["final"]["by_segments"]
+        x = [(b["lo"] + b["hi"]) / 2 for b in bins]
+        a2.plot(x, [b["acc"] for b in bins], "o-", color=_color(name))
+    for ax in (a1, a2):
+        ax.axhline(chance, color="gray", ls="--", lw=1, label="chance" if ax is a1 else None)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("query accuracy")
+    a1.set_xlabel("training step")
+    a1.set_title("held-out, queries at d > 4w tokens")
+    a2.set_xlabel("query distance (segments)")
+    a2.set_title("held-out, last checkpoint")
+    a1.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_streaming(path: Path, stream: dict[str, Any], chance: float | None) -> Path:
+    """Accuracy vs distance per (model, cache): SepCache solid, sink cache dotted."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for key, s in stream.items():
+        if "__" not in key:
+            continue
+        name, kind = key.split("__")
+        bins = s["by_segments"]
+        x = [(b["lo"] + b["hi"]) / 2 for b in bins]
+        ls, label = ("-" if kind == "sep" else ":"), f"{LABELS[name]}, {CACHES[kind]}"
+        ax.plot(x, [b["acc"] for b in bins], ls, color=_color(name), marker="o", label=label)
+    ax.axvline(stream["sizes"]["sep"], color="gray", lw=1, ls="-.", label="SepCache's s")
+    if chance is not None:
+        ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("query distance (segments)")
+    ax.set_ylabel("query accuracy")
+    size = stream["sizes"]["capacity"]
+    ax.set_title(f"streaming {stream['stream_tokens']} tokens, capacity {size}")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_all(folder: Path, results: dict[str, Any]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     folder.mkdir(parents=True, exist_ok=True)
     runs, pngs = results["runs"], []
+    chance = next(iter(runs.values()))["chance_acc"] if runs else None
     if runs:
-        chance = next(iter(runs.values()))["chance_acc"]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, r in runs.items():
-            steps = [c["step"] for c in r["curve"]]
-            color = f"C{list(LABELS).index(name)}"
-            far = [c["far"]["acc"] for c in r["curve"]]
-            a1.plot(steps, far, "o-", color=color, label=LABELS[name])
-            bins = r["final"]["by_segments"]
-            x = [(b["lo"] + b["hi"]) / 2 for b in bins]
-            a2.plot(x, [b["acc"] for b in bins], "o-", color=color)
-        for ax in (a1, a2):
-            ax.axhline(chance, color="gray", ls="--", lw=1, label="chance" if ax is a1 else None)
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_ylabel("query accuracy")
-        a1.set_xlabel("training step")
-        a1.set_title("held-out, queries at d > 4w tokens")
-        a2.set_xlabel("query distance (segments)")
-        a2.set_title("held-out, last checkpoint")
-        a1.legend(fontsize=8)
-        fig.tight_layout()
-        pngs.append(folder / "recall_heldout.png")
-        fig.savefig(pngs[-1], dpi=90)
-        plt.close(fig)
-    stream = results.get("stream")
-    if stream:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for key, s in stream.items():
-            if "__" not in key:
-                continue
-            name, kind = key.split("__")
-            bins = s["by_segments"]
-            ls = "-" if kind == "sep" else ":"
-            x = [(b["lo"] + b["hi"]) / 2 for b in bins]
-            color = f"C{list(LABELS).index(name)}"
-            label = f"{LABELS[name]}, {CACHES[kind]}"
-            ax.plot(x, [b["acc"] for b in bins], ls, color=color, marker="o", label=label)
-        ax.axvline(stream["sizes"]["sep"], color="gray", lw=1, ls="-.", label="SepCache's s")
-        if runs:
-            ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("query distance (segments)")
-        ax.set_ylabel("query accuracy")
-        ax.set_title(
-            f"streaming {stream['stream_tokens']} tokens, capacity {stream['sizes']['capacity']}"
-        )
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        pngs.append(folder / "recall_streaming.png")
-        fig.savefig(pngs[-1], dpi=90)
-        plt.close(fig)
+        pngs.append(plot_heldout(folder / "recall_heldout.png", runs))
+    if results.get("stream"):
+        pngs.append(plot_streaming(folder / "recall_streaming.png", results["stream"], chance))
     return pngs
