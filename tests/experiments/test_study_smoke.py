@@ -40,8 +40,14 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smoke")
     bench = out / "bench.txt"
     bench.write_text(BENCH_TABLE)
+    data = out / "data"  # the corpus is built here, never in the user's data/
     run_cli(
-        ["tools/experiments/run_study.py", "--out", str(out), "--smoke", "--benchmark", str(bench)],
+        [
+            "tools/experiments/run_study.py",
+            *("--out", str(out), "--smoke", "--benchmark", str(bench)),
+            *("--set", f"data_path={data / 'shakespeare_text_document'}"),
+            *("--set", f"vocab_file={data / 'tokenizer.json'}"),
+        ],
         timeout=900,
     )
     return out

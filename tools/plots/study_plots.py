@@ -121,17 +121,26 @@ def cache_length(results: dict[str, Any], path: Path) -> str:
     return _save(fig, path)
 
 
+def _study_tokenizer(study: Path) -> Any:
+    """The tokenizer the study's SepLLM(w) run trained with (its checkpoint names it)."""
+    from megatron.checkpoint import open_checkpoint
+
+    tok = open_checkpoint(study / "ckpt" / "sepllm_w").tokenizer()
+    if tok is None:
+        raise FileNotFoundError(f"{study / 'ckpt' / 'sepllm_w'}: its tokenizer file is gone")
+    return tok
+
+
 def attention_pattern(study: Path, path: Path, window: int = 8) -> str:
     """Kept (query, key) pairs of a real sentence under SepLLM(a=4, w=window), with the
     separator keys marked; tokens from the study's tokenizer."""
     import torch
 
-    from megatron.data.tokenizers import make_tokenizer
     from megatron.sepllm.config import SepLLMConfig
     from megatron.sepllm.info import build_kept_set, dense_keep_mask
 
     sep_cfg = json.loads((study / "results" / "sepllm_w.json").read_text())["sepllm"]
-    tok = make_tokenizer("HFTokenizer", str(ROOT / "data" / "shakespeare" / "tokenizer.json"), None)
+    tok = _study_tokenizer(study)
     ids = tok.tokenize(SENTENCE)
     cfg = SepLLMConfig(
         mode="sepllm",
