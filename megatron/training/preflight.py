@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from megatron.checkpoint import layout
 from megatron.common.files import LockTimeout, file_lock
 from megatron.config.loader import config_to_dict
 from megatron.config.schema import Config
@@ -300,7 +301,7 @@ def _resumes_from_save(cfg: Config) -> bool:
 
 def _existing(root: Path) -> list[str]:
     names = [p.name for _, p, _ in checkpoint.checkpoint_dirs(root)]
-    return names + (["latest"] if (root / "latest").is_file() else [])
+    return names + ([layout.LATEST] if (root / layout.LATEST).is_file() else [])
 
 
 def fresh_run_errors(cfg: Config) -> list[str]:
@@ -318,7 +319,7 @@ def fresh_run_errors(cfg: Config) -> list[str]:
         ]
     if ck.overwrite_checkpoints:
         return []
-    latest = Path(ck.save) / "latest"
+    latest = Path(ck.save) / layout.LATEST
     named = f", latest = {latest.read_text().strip()}" if latest.is_file() else ""
     return [
         f"save = {ck.save} already holds checkpoints ({len(found)} entries{named}) and this "
@@ -337,7 +338,7 @@ def clear_for_overwrite(cfg: Config) -> None:
     if not found:
         return
     log.warning("overwrite_checkpoints: deleting %s from %s", " ".join(found), root)
-    (root / "latest").unlink(missing_ok=True)  # first: `latest` never names a deleted one
+    (root / layout.LATEST).unlink(missing_ok=True)  # first: `latest` never names a deleted one
     for _, path, _ in checkpoint.checkpoint_dirs(root):
         shutil.rmtree(path)
 
@@ -361,7 +362,7 @@ def resume_config_errors(cfg: Config, log_differences: bool = True) -> list[str]
     """Compare the checkpoint's own config.yml (and saved run shape) with this run's."""
     ck = cfg.checkpoint
     tag = checkpoint.find_tag(ck) if ck.load else None
-    saved_file = Path(ck.load or "") / (tag or "") / "config.yml"
+    saved_file = Path(ck.load or "") / (tag or "") / layout.CONFIG
     if tag is None or not saved_file.is_file():
         return []
     saved = _flat(yaml.safe_load(saved_file.read_text()) or {})

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from megatron.checkpoint import layout, open_checkpoint
 from megatron.data.recall import SEP, Query, RecallSequence, RecallSpec, generate_many
 from megatron.inference.caches import make_policies
 from megatron.inference.decode import chunks
@@ -119,9 +120,10 @@ def score_heldout(streamer: Streamer, seqs: list[RecallSequence], batch: int = 1
 def step_dirs(save: Path) -> list[tuple[int, Path]]:
     """(step, global_step<N> directory) of every COMPLETE checkpoint, by step."""
     found = []
-    for d in save.glob("global_step*"):
-        if (d / "COMPLETE").is_file() and d.name[len("global_step") :].isdigit():
-            found.append((int(d.name[len("global_step") :]), d))
+    for d in save.iterdir():
+        tag = layout.TAG.match(d.name)
+        if tag and (d / layout.COMPLETE).is_file():
+            found.append((int(tag.group(1)), d))
     if not found:
         raise FileNotFoundError(f"{save}: no COMPLETE global_step<N> checkpoint")
     return sorted(found)
@@ -131,7 +133,7 @@ def measure_run(save: Path, spec: RecallSpec, smoke: bool) -> dict[str, Any]:
     """Held-out accuracy and losses at every saved step; per-query detail at the last one."""
     w = window()
     steps = step_dirs(save)
-    seq = int(yaml.safe_load((steps[-1][1] / "config.yml").read_text())["model"]["seq_length"])
+    seq = open_checkpoint(steps[-1][1]).cfg.model.seq_length
     seqs = generate_many(spec, HELDOUT_SEQS[smoke], seq + 1, HELDOUT_SEED)
     curve = []
     for step, d in steps:
@@ -211,8 +213,7 @@ def measure_streams(runs: dict[str, Path], smoke: bool) -> dict[str, Any]:
     """Every run through SepCache and the sink cache at equal capacity."""
     w, sizes = window(), cache_sizes(smoke)
     any_save = next(iter(runs.values()))
-    tag = (any_save / "latest").read_text().strip()
-    seq = int(yaml.safe_load((any_save / tag / "config.yml").read_text())["model"]["seq_length"])
+    seq = open_checkpoint(any_save).cfg.model.seq_length
     spec = RecallSpec(max_query_distance=STREAM_MAX_DISTANCE)
     length = STREAM_FACTOR[smoke] * seq + 1
     seqs = generate_many(spec, STREAM_SEQS[smoke], length, STREAM_SEED)
