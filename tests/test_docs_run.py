@@ -186,6 +186,7 @@ NOISE = (
     "Using topology:",
     ", nll ",
     "Combined length of context",
+    "Detected call of `lr_scheduler.step()`",  # fine-tuning a converted checkpoint
 )
 
 

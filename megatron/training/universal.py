@@ -10,6 +10,7 @@ at another layout is refused with a clear error).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,11 @@ def restore_counters(engine: Any, scheduler: Any, iteration: int) -> None:
     engine.global_steps = iteration
     engine.global_samples = iteration * engine.train_batch_size()
     scheduler.last_epoch = iteration - 1
-    scheduler.step()
+    # No optimizer step has run in this process yet: torch would warn that step() skips the
+    # schedule's first value, but this step() only moves the LR to the restored counter.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        scheduler.step()
 
 
 def saved_layout(path: Path) -> tuple[int, int] | None:
