@@ -392,7 +392,7 @@ def resume_config_errors(cfg: Config, log_differences: bool = True) -> list[str]
     if zero and not ck.finetune:
         return [f"the checkpoint {saved_file.parent} {zero}"]
     if log_differences:
-        _log_differences(saved_file.parent, diffs)
+        _log_differences(saved_file.parent, diffs, ck.finetune)
         for line in data_changes(_saved_state(saved_file.parent).get("data_files"), cfg):
             log.warning("resume: %s", line)
     return []
@@ -476,8 +476,14 @@ def _saved_state(path: Path) -> dict[str, Any]:
     return json.loads(state.read_text()) if state.is_file() else {}
 
 
-def _log_differences(path: Path, diffs: dict[tuple[str, str], tuple[Any, Any]]) -> None:
+def _log_differences(
+    path: Path, diffs: dict[tuple[str, str], tuple[Any, Any]], finetune: bool
+) -> None:
     if not diffs:
+        return
+    if finetune:  # a new run from the weights: its own config is expected to differ
+        names = ", ".join(f"{s}.{k}" for s, k in diffs)
+        log.info("finetune: this run's config applies (differs from %s in %s)", path, names)
         return
     batch = [k for (s, k) in diffs if s == "training" and k in _BATCH_KEYS]
     if batch:

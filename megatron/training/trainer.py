@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron.checkpoint.writer import ANY_LAYOUT
 from megatron.config.loader import config_to_dict
 from megatron.config.schema import Config
 from megatron.parallel.topology import Parallelism
@@ -95,7 +96,9 @@ class Trainer:
                         lr,
                     )
         if self.rank == 0:
-            how = "" if saved in (None, current) else f" (resharded from TP x PP = {saved})"
+            # An imported checkpoint's full copy fits any layout (saved as ANY_LAYOUT).
+            moved = saved not in (None, current) and ANY_LAYOUT not in saved
+            how = f" (resharded from TP x PP = {saved})" if moved else ""
             log.info(
                 "resumed from %s at iteration %d, sample %d, evaluation %d%s",
                 path,
