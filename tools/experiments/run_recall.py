@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
-from run_study import Clock, cached_json, eta, finished, log, run_logged  # noqa: E402
+from run_study import Clock, cached_json, eta, finished, log, run_logged, run_stages  # noqa: E402
 
 from megatron.common.files import atomic_write_text  # noqa: E402
 from megatron.data.recall import RecallSpec, write_dataset  # noqa: E402
@@ -210,15 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "stream": stage_stream,
         "report": stage_report,
     }
-    log(
-        f"recall -> {args.out} ({'smoke' if args.smoke else 'full'}; "
-        f"stages {' '.join(args.stages)})"
-    )
-    for stage in STAGES:
-        if stage in args.stages:
-            t0 = time.perf_counter()
-            stages[stage](args, clock)
-            log(f"stage {stage}: {time.perf_counter() - t0:.0f} s")
+    run_stages("recall", stages, args, clock)
     return 0
 
 

@@ -349,15 +349,22 @@ def main(argv: list[str] | None = None) -> int:
         "lmeval": stage_lmeval,
         "report": stage_report,
     }
-    log(
-        f"study -> {args.out} ({'smoke' if args.smoke else 'full'}; stages {' '.join(args.stages)})"
-    )
-    for stage in STAGES:
-        if stage in args.stages:
-            t0 = time.perf_counter()
-            stages[stage](args, clock)
-            log(f"stage {stage}: {time.perf_counter() - t0:.0f} s")
+    run_stages("study", stages, args, clock)
     return 0
+
+
+Stage = Callable[[argparse.Namespace, "Clock"], None]
+
+
+def run_stages(what: str, stages: dict[str, Stage], args: argparse.Namespace, clock: Clock) -> None:
+    """Run the stages args.stages names, in `stages`' order, logging each one's time."""
+    kind = "smoke" if args.smoke else "full"
+    log(f"{what} -> {args.out} ({kind}; stages {' '.join(args.stages)})")
+    for name, stage in stages.items():
+        if name in args.stages:
+            t0 = time.perf_counter()
+            stage(args, clock)
+            log(f"stage {name}: {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":
