@@ -35,7 +35,7 @@ import torch
 from megatron.common.accelerator import pin_cpu_accelerator
 from megatron.config.launcher import MPI_LAUNCHERS, validate_launcher
 from megatron.config.loader import ConfigError, build_config, merge_sources
-from megatron.config.schema import Config, LauncherConfig
+from megatron.config.schema import Config, LauncherConfig, ParallelConfig
 from megatron.config.sources import (
     CONFIG_ENV,
     Sources,
@@ -569,6 +569,22 @@ def drop_missing_hostfile(lc: LauncherConfig) -> None:
         lc.hostfile = None
 
 
+def plan_model_parallel_processes(lc: LauncherConfig, par: ParallelConfig) -> None:
+    """A dry run of a model-parallel config on a one-node host without GPUs plans TP x PP
+    processes (what a GPU node would start) instead of refusing a world size of 1."""
+    local = lc.launcher != "slurm" and not lc.hostfile and lc.node_rank is None
+    need = par.model_parallel_size * max(par.pipe_parallel_size, 1)
+    if lc.num_gpus is not None or not local or need == 1 or torch.cuda.is_available():
+        return
+    lc.num_gpus = need
+    log.info(
+        "dry run: no GPU on this host, planning %d processes (TP x PP); a real launch here "
+        "needs --num-gpus %d",
+        need,
+        need,
+    )
+
+
 def _prepare(args: argparse.Namespace) -> tuple[LaunchPlan, Config, Sources, dict[str, str]]:
     """Read and validate the config, build the plan, and (for a real launch) pre-flight."""
     sources, raw = gather_sources(args.configs, _overrides(args))
@@ -581,6 +597,8 @@ def _prepare(args: argparse.Namespace) -> tuple[LaunchPlan, Config, Sources, dic
     validate_launcher(cfg.launcher, errors)  # first: build_plan relies on it
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    if args.dry_run:
+        plan_model_parallel_processes(cfg.launcher, cfg.parallel)
     plan = build_plan(cfg.launcher, args.script, [CONFIG_ARGS])
     validate(cfg, plan.world_size or 1)
     if args.dry_run:

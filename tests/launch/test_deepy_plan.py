@@ -385,3 +385,17 @@ def test_dry_run_stdout_holds_only_the_command(
         noisy.removeHandler(handler)
     assert out.startswith("deepspeed --hostfile"), out
     assert handler.stream is sys.stdout  # restored afterwards
+
+
+def test_dry_run_of_a_model_parallel_config_plans_tp_x_pp_processes(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A NeoX user's TP=2 x PP=2 config on a host without GPUs: the plan a GPU node would run,
+    # not "world size 1 is not divisible"; a real launch still needs the process count.
+    monkeypatch.setattr(deepy.torch.cuda, "is_available", lambda: False)
+    out = dry_run(tmp_path, capsys, model_parallel_size=2, pipe_parallel_size=2, num_layers=4)
+    assert out.startswith("deepspeed --num_gpus 4 "), out
+    out = dry_run(tmp_path, capsys, "--num-gpus", "8", model_parallel_size=2, num_layers=4)
+    assert out.startswith("deepspeed --num_gpus 8 "), out  # an explicit count wins
+    err = dry_run_error(tmp_path, capsys, "--num-gpus", "3", model_parallel_size=2, num_layers=4)
+    assert "world size 3 is not divisible by TP x PP = 2" in err
