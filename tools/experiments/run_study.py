@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent), str(ROOT / "tools" / "plots")]
 
-from megatron.checkpoint import layout  # noqa: E402
+from megatron.checkpoint import READ_ERRORS, layout  # noqa: E402
 from megatron.common.files import atomic_write_text  # noqa: E402
 
 LMEVAL_TASK = "shakespeare_lambada"
@@ -153,10 +153,9 @@ def stage_train(args: argparse.Namespace, clock: Clock) -> None:
 
 
 def stage_convert(args: argparse.Namespace, clock: Clock) -> None:
-    """tools/ckpts/convert_neox_to_hf.py per run, called in this process (one import of
+    """What tools/ckpts/convert_neox_to_hf.py does, per run, in this process (one import of
     torch / transformers for all five instead of one per run)."""
-    sys.path.insert(0, str(ROOT / "tools" / "ckpts"))
-    import convert_neox_to_hf
+    from megatron.hf.export import export_checkpoint
 
     for name in args.variants:
         dst = args.out / "hf" / name
@@ -166,8 +165,10 @@ def stage_convert(args: argparse.Namespace, clock: Clock) -> None:
         t0 = time.perf_counter()
         argv = ["--input_dir", str(run_dir(args.out, name)), "--output_dir", str(dst)]
         log(f"convert {name}: python tools/ckpts/convert_neox_to_hf.py {' '.join(argv)}")
-        if convert_neox_to_hf.main(argv) != 0:
-            raise RuntimeError(f"converting {name} failed (see the message above)")
+        try:
+            export_checkpoint(run_dir(args.out, name), dst, report=log)
+        except (*READ_ERRORS, ValueError, OSError) as e:  # the refusals the CLI prints
+            raise RuntimeError(f"converting {name}: refused: {e}") from e
         clock.record(f"convert/{name}", time.perf_counter() - t0)
         log(f"convert {name}: {time.perf_counter() - t0:.1f} s -> {dst}")
 
