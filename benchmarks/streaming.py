@@ -256,17 +256,21 @@ def gen_one(family: str, kind: str, context: int, new: int, device: torch.device
     }
 
 
+def md_table(header: list[str], cells: list[list[str]]) -> str:
+    """A markdown table: the header row, its rule, one row per entry of `cells`."""
+    rule = "|" + "---|" * len(header)
+    lines = ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(["| " + " | ".join(header) + " |", rule, *lines])
+
+
 def gen_table(rows: list[dict]) -> str:
-    lines = [
-        "| model | cache | context | ms/token (median) | min | peak mem MB | cache MB |",
-        "|---|---|---|---|---|---|---|",
+    header = ["model", "cache", "context", "ms/token (median)", "min", "peak mem MB", "cache MB"]
+    cells = [
+        [r["family"], r["cache"], str(r["tokens"]), f"{r['ms']:.2f}", f"{r['min_ms']:.2f}"]
+        + [f"{r['mem_mb']:.0f}", f"{r['cache_mb']:.1f}"]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['family']} | {r['cache']} | {r['tokens']} | {r['ms']:.2f} | "
-            f"{r['min_ms']:.2f} | {r['mem_mb']:.0f} | {r['cache_mb']:.1f} |"
-        )
-    return "\n".join(lines)
+    return md_table(header, cells)
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -299,16 +303,13 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| world | cache | tokens | decode ms (median) | min | peak mem MB | cache MB | held |",
-        "|---|---|---|---|---|---|---|---|",
+    header = ["world", "cache", "tokens", "decode ms (median)", "min", "peak mem MB", "cache MB"]
+    cells = [
+        [r["world"], r["cache"], str(r["tokens"]), f"{r['ms']:.2f}", f"{r['min_ms']:.2f}"]
+        + [f"{r['mem_mb']:.0f}", f"{r['cache_mb']:.1f}", str(r["length"])]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['world']} | {r['cache']} | {r['tokens']} | {r['ms']:.2f} | {r['min_ms']:.2f} | "
-            f"{r['mem_mb']:.0f} | {r['cache_mb']:.1f} | {r['length']} |"
-        )
-    return "\n".join(lines)
+    return md_table([*header, "held"], cells)
 
 
 def summary(rows: list[dict], sizes: list[int]) -> list[str]:
