@@ -85,14 +85,6 @@ def read_universal_meta(step_dir: Path) -> dict[str, Any] | None:
     return json.loads(meta.read_text()) if meta.is_file() else None
 
 
-def step_dir_of(path: Path) -> Path | None:
-    """The `global_stepN` directory `path` names (itself, or what its `latest` names), or None
-    when `path` is not one of our checkpoints."""
-    if (path / LATEST).is_file() and not (path / CONFIG).is_file():
-        path = path / (path / LATEST).read_text().strip()
-    return path if (path / CONFIG).is_file() else None
-
-
 def is_checkpoint(path: Path) -> bool:
     """A save directory (with `latest`) or one `global_stepN` of ours (config.yml inside)."""
     return (path / LATEST).is_file() or (path / CONFIG).is_file()
