@@ -97,8 +97,10 @@ def kernel_name(
     from the cache, or None: bottom-right causal over every held key)."""
     # select_kernel reads mode "full" as "no kept set"; a full-attention layer over a cache
     # with invalid slots has one (window FULL_WINDOW, no sinks: StreamingLLM's shape).
-    mode = "full" if kept is None else sep.mode
-    mode = "streamingllm" if mode == "full" and kept is not None else mode
+    if kept is None:
+        mode = "full"
+    else:
+        mode = "streamingllm" if sep.mode == "full" else sep.mode
     return select_kernel(
         sep.attention_kernel,
         device_type=device_type,
