@@ -37,7 +37,7 @@ from megatron.common.files import LockTimeout, file_lock
 from megatron.config.loader import config_to_dict
 from megatron.config.schema import Config
 from megatron.training import checkpoint
-from megatron.training.schedule import OVERRIDDEN, lr_at
+from megatron.training.schedule import OVERRIDDEN, lr_at, warmup_steps
 from megatron.training.setup import build_model, sample_counts
 
 log = logging.getLogger("megatron")
@@ -190,9 +190,7 @@ def index_size_errors(cfg: Config) -> list[str]:
 
 def schedule_warnings(cfg: Config) -> list[str]:
     s, iters = cfg.schedule, cfg.training.train_iters
-    warmup = s.warmup_iters
-    if warmup is None:
-        warmup = int(s.warmup * (s.lr_decay_iters or iters))
+    warmup = warmup_steps(s, iters)
     if warmup <= iters:
         return []
     peak = lr_at(iters - 1, cfg.optimizer, s, iters)

@@ -9,12 +9,17 @@ from torch.optim.lr_scheduler import LambdaLR
 from megatron.config.schema import OptimizerConfig, ScheduleConfig
 
 
+def warmup_steps(sched: ScheduleConfig, train_iters: int) -> int:
+    """Warmup length in steps: warmup_iters, or the `warmup` fraction of the decay steps."""
+    if sched.warmup_iters is not None:
+        return sched.warmup_iters
+    return int(sched.warmup * (sched.lr_decay_iters or train_iters))
+
+
 def lr_at(step: int, opt: OptimizerConfig, sched: ScheduleConfig, train_iters: int) -> float:
     """Learning rate for optimizer step `step` (0-based: the lr used by the step-th update)."""
     decay_iters = sched.lr_decay_iters or train_iters
-    warmup = sched.warmup_iters
-    if warmup is None:
-        warmup = int(sched.warmup * decay_iters)
+    warmup = warmup_steps(sched, train_iters)
     if warmup and step < warmup:
         return opt.lr * (step + 1) / warmup
     if sched.lr_decay_style == "constant":
