@@ -85,8 +85,9 @@ def _stream_one(
     for start, end in chunks(stream, len(ids) - 1, chunk):
         logits = streamer.step(cache, ids[None, start:end])[0]  # [n, V]
         nll = F.cross_entropy(logits.float(), ids[start + 1 : end + 1], reduction="none")
-        out += nll.tolist()
-        progress.update(end - start, float(nll.sum()))
+        step_nll = nll.tolist()  # the one device sync of the step
+        out += step_nll
+        progress.update(end - start, sum(step_nll))
     return out
 
 
