@@ -160,7 +160,7 @@ def export_checkpoint(
     ck = open_checkpoint(input_dir, options, lambda cfg: _check_architecture(cfg, architecture))
     m, data, state = ck.cfg.model, ck.cfg.data, ck.state_dict()
     precision = precision or TRAINING_PRECISION[ck.cfg.training.precision]
-    cast_state(state, precision)  # refuses before the output directory exists
+    state = cast_state(state, precision)  # refuses before the output directory exists
     data.vocab_file = vocab_file or ck.vocab_file()
     data.merge_file = merge_file or data.merge_file
     if not skip_tokenizer:
