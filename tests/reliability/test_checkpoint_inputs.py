@@ -7,8 +7,6 @@ pos", with no path and no errno)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from megatron.checkpoint.checksums import ChecksumError, verify_all_ranks
 from megatron.checkpoint.layout import COMPLETE
 from megatron.config.schema import CheckpointConfig
 from megatron.training import checkpoint
-from tests.conftest import ROOT
+from tests.conftest import run_cli
 
 
 def test_manifest_listing_no_files_is_refused(tmp_path: Path) -> None:
@@ -57,13 +55,7 @@ except checkpoint.CheckpointError as e:
 
 def test_save_cut_short_by_a_size_limit_names_the_checkpoint(tmp_path: Path) -> None:
     # A child process: the file size limit must not apply to the test runner itself.
-    out = subprocess.run(
-        [sys.executable, "-c", SAVE_UNDER_A_SIZE_LIMIT, str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_cli(["-c", SAVE_UNDER_A_SIZE_LIMIT, str(tmp_path)], timeout=120)
     text = out.stdout
     assert f"saving checkpoint {tmp_path / 'global_step3'} failed" in text, out.stderr[-2000:]
     assert "ENOSPC" in text and "EFBIG" in text and "MiB free on" in text

@@ -5,13 +5,11 @@ service and threads) with an audit hook that records every name lookup until its
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_cli
 
 pytest.importorskip("wandb")
 
@@ -33,13 +31,6 @@ writer.close()
 
 
 def test_offline_wandb_makes_no_network_lookup(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", OFFLINE_RUN, str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_cli(["-c", OFFLINE_RUN, str(tmp_path)], timeout=120)  # fails on a non-zero exit
     assert "lookups: []" in out.stdout, out.stdout[-2000:]
     assert list(tmp_path.glob("wandb/offline-run-*")), "no offline run written"
