@@ -25,7 +25,7 @@ from megatron.config.validate import finalize
 from megatron.training import preflight
 from megatron.training.checkpoint import COMPLETE
 from tests.conftest import ROOT
-from tests.reliability.test_signals import long_run, start, wait_for_training
+from tests.reliability.test_signals import start_deepy_run
 
 BASE = {"train_micro_batch_size_per_gpu": 2, "data_path": "data/x"}
 
@@ -138,11 +138,7 @@ def test_a_rank_stops_when_its_launcher_is_killed(killed: str) -> None:
 
 @pytest.mark.slow
 def test_kill_9_of_deepy_stops_the_launcher_and_the_ranks(tmp_path: Path, shakespeare) -> None:
-    config, save = long_run(tmp_path, shakespeare)
-    proc, lines = start(["deepy.py", "train.py", str(config), "--num-gpus", "1"]), []
-    wait_for_training(proc, lines)
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    assert any("train.py" in " ".join(p.cmdline()) for p in tree), "no rank process found"
+    proc, lines, tree, save = start_deepy_run(tmp_path, shakespeare)
     assert (save / preflight.RUN_LOCK).read_text().startswith("pid ")  # rank 0 holds it
     proc.kill()
     proc.wait()  # reaped, as a shell would

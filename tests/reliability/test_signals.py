@@ -65,12 +65,21 @@ def long_run(tmp_path: Path, shakespeare, checkpoint_factor: int = 2) -> tuple[P
     return cfg, save
 
 
-def test_sigterm_to_deepy_stops_every_rank(tmp_path: Path, shakespeare) -> None:
+def start_deepy_run(
+    tmp_path: Path, shakespeare
+) -> tuple[subprocess.Popen, list[str], list[psutil.Process], Path]:
+    """A long run under deepy.py, read until it trains: (deepy.py, its output so far, the
+    processes it started, a rank among them, the save directory)."""
     cfg, save = long_run(tmp_path, shakespeare)
     proc, lines = start(["deepy.py", "train.py", str(cfg), "--num-gpus", "1"]), []
     wait_for_training(proc, lines)
     tree = psutil.Process(proc.pid).children(recursive=True)
     assert any("train.py" in " ".join(p.cmdline()) for p in tree), "no rank process found"
+    return proc, lines, tree, save
+
+
+def test_sigterm_to_deepy_stops_every_rank(tmp_path: Path, shakespeare) -> None:
+    proc, lines, tree, save = start_deepy_run(tmp_path, shakespeare)
     proc.send_signal(signal.SIGTERM)
     code, out, took = finish(proc, lines)
     assert code == 128 + signal.SIGTERM, out[-3000:]
