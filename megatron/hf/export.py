@@ -133,6 +133,7 @@ def write_hf_folder(
 def _check_architecture(cfg: Config, architecture: str | None) -> None:
     m = cfg.model
     check_exportable(m)
+    check_sepllm_exportable(cfg.sepllm)  # before the weights are read, not after
     if architecture and architecture != family(m):
         raise UnmappedOption(
             f"--architecture {architecture}: the checkpoint's model is {family(m)} style "
