@@ -113,15 +113,10 @@ def _explain_os_error(root: Path, out: Path) -> Iterator[None]:
         ) from exc
     except OSError as exc:
         code = errno.errorcode.get(exc.errno or 0, "unknown errno")
-        try:
-            free = f"{shutil.disk_usage(root).free / 2**20:,.0f} MiB free on {root}"
-        except OSError:
-            free = f"free space on {root} unknown"
-        latest = root / layout.LATEST
-        previous = latest.read_text().strip() if latest.is_file() else "nothing"
         raise CheckpointError(
             f"saving checkpoint {out} failed: {exc.strerror or exc} ({code}) at "
-            f"{exc.filename or out}; {free}. `latest` still names {previous}; the incomplete "
+            f"{exc.filename or out}; {_free_space(root)}. `latest` still names "
+            f"{_latest_of(root)}; the incomplete "
             f"{out.name} is cleaned by retention once a newer checkpoint is complete."
         ) from exc
 
