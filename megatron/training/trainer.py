@@ -409,16 +409,19 @@ def check_replicas(module: torch.nn.Module, rank: int, dp_group: object) -> None
     """Data-parallel replicas must hold identical weights; a silent divergence is a bug."""
     import deepspeed
 
+    replicas = dist.get_world_size(dp_group)
+    if replicas == 1:  # one replica has nothing to compare: skip the fp64 pass over the weights
+        return
     params = list(module.parameters())
     # Under ZeRO-3 each rank holds a shard: gather the full weights for the check (a no-op
     # context otherwise).
     with deepspeed.zero.GatheredParameters(params), torch.no_grad():
         flat = [p.detach().double().flatten() for p in params]
         local = torch.stack([sum(f.sum() for f in flat), sum(f.square().sum() for f in flat)])
-    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size(dp_group))]
+    gathered = [torch.zeros_like(local) for _ in range(replicas)]
     dist.all_gather(gathered, local, group=dp_group)
     sums = [tuple(float(x) for x in g) for g in gathered]
-    if rank == 0 and len(sums) > 1:  # one replica has nothing to compare
+    if rank == 0:
         log.info(
             "data-parallel replicas compared (sum / sum of squares of all weights); "
             "weight checksums per rank: %s",
